@@ -1,0 +1,35 @@
+"""Method registry: ``@register_method`` adds one; ``get_method(name)`` looks one up."""
+
+from __future__ import annotations
+
+from sfdbench.errors import BadInput
+from sfdbench.methods.base import Fitted, FitContext, Method
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    # One import per method module; importing registers.
+    from sfdbench.methods import sfd, solvers  # noqa: F401
+
+
+def all_methods() -> list[Method]:
+    _load_all()
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in _REGISTRY:
+        raise BadInput(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)} (see `sfdbench methods`)")
+    return _REGISTRY[name]
+
+
+__all__ = ["FitContext", "Fitted", "Method", "all_methods", "get_method", "register_method"]

@@ -1,0 +1,63 @@
+"""The one interface every method implements, so the harness never branches on a name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfdbench.diffusion.denoiser import Denoiser
+from sfdbench.errors import BadInput
+
+
+@dataclass
+class FitContext:
+    """What a method may use to fit itself: the suite's teacher and a private work folder."""
+
+    suite: Any  # sfdbench.suites.base.Suite
+    teacher: Denoiser
+    nfe: int
+    workdir: Path
+    device: torch.device = torch.device("cpu")
+    progress: Callable | None = None  # progress_bar(description, total) context manager
+
+
+@dataclass
+class Fitted:
+    """A ready sampler. ``sample(denoiser, latents)`` maps unit-Gaussian latents to images in
+    [-1, 1] calling only ``denoiser`` (which the harness wraps to count NFE)."""
+
+    denoiser: Denoiser
+    sample: Callable[[Denoiser, torch.Tensor], torch.Tensor]
+    nfe: int
+    fine_tuning: dict | None = None  # accounting of the fit (None for training-free solvers)
+    info: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class: a name, a display name, a group, the NFEs it supports, its hyperparameters
+    for a (suite, NFE), and ``fit`` which returns a ``Fitted`` sampler."""
+
+    name: str = ""
+    display: str = ""
+    group: str = "solver"  # "solver" or "distillation"
+    description: str = ""
+
+    def nfe_rule(self) -> str:
+        raise NotImplementedError
+
+    def supports(self, nfe: int) -> bool:
+        raise NotImplementedError
+
+    def check_nfe(self, nfe: int) -> None:
+        if not self.supports(nfe):
+            raise BadInput(f"method {self.name!r} does not support NFE {nfe}; it supports {self.nfe_rule()}")
+
+    def hyperparameters(self, suite, nfe: int) -> dict:
+        raise NotImplementedError
+
+    def fit(self, ctx: FitContext) -> Fitted:
+        raise NotImplementedError

@@ -1,0 +1,72 @@
+"""Training-free solver baselines: the teacher sampled by a fixed ODE solver on a fixed schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sfdbench.diffusion import solvers
+from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.methods import register_method
+from sfdbench.methods.base import Fitted, FitContext, Method
+
+
+@dataclass
+class SolverMethod(Method):
+    """``solver`` on ``schedule`` from the suite's sigma_max to its baseline sigma_min.
+
+    NFE per step is 1 (``evals_per_step=1``) or 2 (Heun-type); AFS saves one evaluation."""
+
+    name: str = ""
+    display: str = ""
+    solver: str = "euler"
+    schedule: str = "polynomial"
+    rho: float = 7.0
+    evals_per_step: int = 1
+    afs: bool = False
+    options: dict = field(default_factory=dict)
+    group: str = "solver"
+    description: str = ""
+
+    def steps_for_nfe(self, nfe: int) -> int | None:
+        """Number of timestamps N with NFE = evals_per_step (N - 1) - afs, or None."""
+        intervals, rem = divmod(nfe + int(self.afs), self.evals_per_step)
+        return intervals + 1 if rem == 0 and intervals >= 1 else None
+
+    def supports(self, nfe: int) -> bool:
+        return isinstance(nfe, int) and nfe >= 1 and self.steps_for_nfe(nfe) is not None
+
+    def nfe_rule(self) -> str:
+        if self.evals_per_step == 1:
+            return "any NFE >= 1"
+        return f"NFE = 2(N-1){' - 1' if self.afs else ''}, i.e. {'odd' if self.afs else 'even'} NFE >= 2"
+
+    def hyperparameters(self, suite, nfe: int) -> dict:
+        return {"solver": self.solver, "schedule": self.schedule, "rho": self.rho, "afs": self.afs,
+                "num_steps": self.steps_for_nfe(nfe), "sigma_min": suite.sigma_min,
+                "sigma_max": suite.sigma_max, **self.options}
+
+    def fit(self, ctx: FitContext) -> Fitted:
+        hp = self.hyperparameters(ctx.suite, ctx.nfe)
+        sigmas = get_schedule(self.schedule, hp["num_steps"], hp["sigma_min"], hp["sigma_max"], self.rho)
+        solver = solvers.SOLVERS[self.solver]
+
+        def sample(denoiser, latents):
+            return solvers.sample(solver, denoiser, latents, sigmas, afs=self.afs, **self.options)
+
+        return Fitted(denoiser=ctx.teacher, sample=sample, nfe=ctx.nfe)
+
+
+register_method(SolverMethod(
+    name="ddim", display="DDIM", solver="euler", schedule="polynomial", rho=7.0,
+    description="Euler = deterministic DDIM; polynomial schedule rho=7"))
+register_method(SolverMethod(
+    name="heun", display="Heun", solver="heun", schedule="polynomial", rho=7.0, evals_per_step=2,
+    description="EDM's 2nd-order Heun; polynomial schedule rho=7"))
+register_method(SolverMethod(
+    name="dpmpp2m", display="DPM-Solver++(2M)", solver="dpmpp", schedule="logsnr", rho=1.0,
+    options={"max_order": 2, "predict_x0": True, "lower_order_final": True, "thresholding": True},
+    description="multistep DPM-Solver++ order 2, data prediction; logSNR-uniform schedule"))
+register_method(SolverMethod(
+    name="dpmpp3m", display="DPM-Solver++(3M)", solver="dpmpp", schedule="logsnr", rho=1.0,
+    options={"max_order": 3, "predict_x0": True, "lower_order_final": True, "thresholding": True},
+    description="multistep DPM-Solver++ order 3, data prediction; logSNR-uniform schedule"))

@@ -1,0 +1,1 @@
+"""Metrics: features -> statistics -> distances (torch-fidelity does the heavy lifting)."""

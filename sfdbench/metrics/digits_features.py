@@ -1,0 +1,64 @@
+"""The digits feature network registered into torch-fidelity as a feature extractor."""
+
+from __future__ import annotations
+
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+from sfdbench.networks.checkpoint import load_weights, read_metadata
+from sfdbench.networks.digits_classifier import DigitsClassifier
+
+EXTRACTOR_NAME = "sfdbench-digits"
+FEATURE_LAYER = "features"
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """uint8 [B, 1, 8, 8] -> (penultimate 64-d features, logits). Weights come from
+    ``feature_extractor_weights_path`` (torch-fidelity's own keyword)."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError("DigitsFeatureExtractor needs feature_extractor_weights_path")
+        config = read_metadata(feature_extractor_weights_path)["config"]
+        self.net = load_weights(DigitsClassifier(**config), feature_extractor_weights_path).eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return (FEATURE_LAYER, "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return FEATURE_LAYER
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        x = x.float() / 127.5 - 1.0
+        feats = self.net.features(x)
+        out = {FEATURE_LAYER: feats, "logits": self.net.head(feats)}
+        return tuple(out[name] for name in self.features_list)
+
+
+def register() -> None:
+    """Idempotent registration into torch-fidelity's registry."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, DigitsFeatureExtractor)
+
+
+def create(weights_path) -> FeatureExtractorBase:
+    """The registered extractor, built through torch-fidelity's factory."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    register()
+    return create_feature_extractor(EXTRACTOR_NAME, [FEATURE_LAYER], cuda=False,
+                                    feature_extractor_weights_path=str(weights_path), verbose=False)

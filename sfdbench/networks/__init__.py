@@ -1,0 +1,1 @@
+"""Architectures and checkpoint I/O."""

@@ -1,0 +1,81 @@
+"""Run records: one self-describing JSON file per (suite, method, NFE, seed, config hash),
+written atomically, never edited in place; ``load_records`` reads them into pandas."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from sfdbench.networks.checkpoint import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+
+
+def config_hash(config: dict) -> str:
+    """First 12 hex digits of sha256 over the canonical JSON of ``config``."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def records_dir(out: Path, suite: str) -> Path:
+    return Path(out) / suite / "records"
+
+
+def record_path(out: Path, suite: str, method: str, nfe: int, seed: int, chash: str) -> Path:
+    return records_dir(out, suite) / f"{method}-nfe{nfe}-seed{seed}-{chash}.json"
+
+
+def write_record(path: Path, record: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return rev.stdout.strip() or None if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import torch
+    import torch_fidelity
+
+    import sfdbench
+
+    return {"sfdbench": sfdbench.__version__, "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
+
+
+def read_record(path: Path) -> dict | None:
+    """A record, or None for a file that is not one (partial files never exist: writes are atomic)."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("schema_version") == SCHEMA_VERSION else None
+
+
+def load_records(results: Path, suite: str) -> pd.DataFrame:
+    """All records of ``suite`` under ``results`` as one row each (metrics flattened)."""
+    rows = []
+    for path in sorted(records_dir(results, suite).glob("*.json")):
+        rec = read_record(path)
+        if rec is None or rec.get("suite") != suite:
+            continue
+        ft = rec.get("fine_tuning") or {}
+        rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
+                     "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
+                     "config_hash": rec["config_hash"], **rec.get("metrics", {}),
+                     "fine_tuning_hours": ft.get("device_hours", 0.0), "device": ft.get("device"),
+                     "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
+                     "path": str(path)})
+    return pd.DataFrame(rows)
