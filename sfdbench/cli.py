@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +32,7 @@ def _require_digits(suite: str) -> None:
 
 
 @teacher_app.command("train")
-def teacher_train(suite: str = typer.Option("digits"), out_path: Optional[Path] = typer.Option(None, "--out"),
+def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                   iterations: int = typer.Option(4500), batch: int = typer.Option(128), seed: int = typer.Option(0)):
     """Train the digits EDM teacher (EDM loss, EMA) and write safetensors + JSON."""
     _require_digits(suite)
@@ -49,7 +48,7 @@ def teacher_train(suite: str = typer.Option("digits"), out_path: Optional[Path] 
 
 
 @features_app.command("train")
-def features_train(suite: str = typer.Option("digits"), out_path: Optional[Path] = typer.Option(None, "--out"),
+def features_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                    epochs: int = typer.Option(60), seed: int = typer.Option(0)):
     """Train the digits feature CNN and write safetensors + JSON (reports held-out accuracy)."""
     _require_digits(suite)
@@ -64,7 +63,7 @@ def features_train(suite: str = typer.Option("digits"), out_path: Optional[Path]
     out.print(f"wrote {target} (held-out accuracy {meta['test_accuracy']:.4f})")
 
 
-def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+def _int_list(text: str | None, what: str) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -76,31 +75,33 @@ def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
     return values
 
 
-def _name_list(text: Optional[str]) -> Optional[list[str]]:
+def _name_list(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
 
 @app.command("run")
 def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench suites`)"),
-            methods: Optional[str] = typer.Option(None, help="comma-separated methods; default: the suite's grid"),
-            nfe: Optional[str] = typer.Option(None, help="comma-separated NFEs for every method"),
-            seeds: Optional[str] = typer.Option(None, help="comma-separated run seeds; default: the suite's"),
-            samples: Optional[int] = typer.Option(None, help="samples per (method, NFE, seed)"),
+            methods: str | None = typer.Option(None, help="comma-separated methods; default: the suite's grid"),
+            nfe: str | None = typer.Option(None, help="comma-separated NFEs for every method"),
+            seeds: str | None = typer.Option(None, help="comma-separated run seeds; default: the suite's"),
+            samples: int | None = typer.Option(None, help="samples per (method, NFE, seed)"),
             out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
-            teacher: Optional[Path] = typer.Option(None, help="teacher weights instead of the suite's"),
+            teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's"),
             device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-            force: bool = typer.Option(False, help="rerun records that already exist")):
+            force: bool = typer.Option(False, help="rerun records that already exist"),
+            set_: list[str] | None = typer.Option(None, "--set", help="METHOD.KEY=VALUE hyperparameter override "
+                                                      "(repeatable), e.g. --set sfd.iterations=200")):
     """Fit -> sample -> evaluate a grid of (method, NFE, seed); one JSON record each."""
     import time
 
-    from sfdbench.harness.runner import RunPlan, default_grid, run
+    from sfdbench.harness.runner import RunPlan, default_grid, parse_overrides, run
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
     plan = RunPlan(suite=s.name, grid=default_grid(s.name, _name_list(methods), _int_list(nfe, "--nfe")),
                    seeds=_int_list(seeds, "--seeds") or list(s.default_seeds),
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
-                   teacher=teacher, device=device)
+                   teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []))
     start = time.perf_counter()
     paths = run(plan)
     out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
@@ -214,16 +215,16 @@ def main() -> None:
         app(standalone_mode=False)
     except SfdbenchError as exc:
         print(f"sfdbench: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code)
+        raise SystemExit(exc.exit_code) from None
     except (typer.Abort, KeyboardInterrupt):
         print("sfdbench: interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except Exception as exc:  # click usage errors come through here in non-standalone mode
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
             print(f"sfdbench: error: {exc.format_message()}", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         raise
 
 

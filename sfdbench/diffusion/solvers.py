@@ -154,8 +154,8 @@ def sample(solver: Solver, denoiser: Denoiser, latents: torch.Tensor, sigmas: to
     at sigma_{N-1} (no final denoising; spec section 1.1)."""
     sigmas = sigmas.to(device=latents.device, dtype=latents.dtype)
     x = latents * sigmas[0]
-    for x in solver(denoiser, x, sigmas, **options):
-        pass
+    for state in solver(denoiser, x, sigmas, **options):
+        x = state
     return x
 
 

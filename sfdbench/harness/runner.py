@@ -13,7 +13,7 @@ import torch
 
 from sfdbench.errors import BadInput
 from sfdbench.harness.progress import console, progress_bar
-from sfdbench.harness.sampling import generate
+from sfdbench.harness.sampling import MAX_RUN_SEED, SEED_STRIDE, generate
 from sfdbench.methods import FitContext, get_method
 from sfdbench.metrics.images import to_uint8
 from sfdbench.records import SCHEMA_VERSION, config_hash, git_revision, now, record_path, versions, write_record
@@ -46,15 +46,47 @@ def _missing_nfe(method: str):
     raise BadInput(f"method {method!r} is not in this suite's default grid; pass --nfe")
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["sfd.iterations=200", "sfd.lr=1e-4"]`` -> ``{"sfd": {"iterations": 200, "lr": 1e-4}}``
+    (values parsed as JSON where they can be, else kept as strings)."""
+    import json
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise BadInput(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        get_method(method)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
+
+
+def make_suite(plan: RunPlan):
+    """The plan's suite with its ``--set`` hyperparameter overrides applied."""
+    suite = get_suite(plan.suite)
+    for method, values in plan.method_overrides.items():
+        merged = {**suite.method_options.get(method, {}), **values}
+        suite.method_options = {**suite.method_options, method: merged}
+    return suite
+
+
 def validate(plan: RunPlan) -> None:
     """Everything that can be checked before anything is written (exit 2 on failure)."""
-    suite = get_suite(plan.suite)
+    suite = make_suite(plan)
     if plan.samples < 2:
         raise BadInput(f"--samples must be at least 2 for FID, got {plan.samples}")
-    if not plan.seeds or any(s < 0 for s in plan.seeds):
-        raise BadInput(f"--seeds must be non-negative integers, got {plan.seeds}")
+    if not plan.seeds or any(not 0 <= s <= MAX_RUN_SEED for s in plan.seeds):
+        raise BadInput(f"--seeds must be integers in 0..{MAX_RUN_SEED}, got {plan.seeds}")
+    if plan.samples >= SEED_STRIDE:
+        raise BadInput(f"--samples must be below {SEED_STRIDE}")
     for method, nfe in plan.grid:
         get_method(method).check_nfe(nfe)
+        get_method(method).hyperparameters(suite, nfe)
     check_writable(plan.out)
     suite.load_teacher(plan.teacher)  # corrupt or mismatched weights fail here, before any write
 
@@ -70,7 +102,7 @@ def check_writable(path: Path) -> None:
 def run(plan: RunPlan) -> list[Path]:
     """Execute ``plan``; returns the record paths (written or already present)."""
     validate(plan)
-    suite = get_suite(plan.suite)
+    suite = make_suite(plan)
     device = torch.device(plan.device)
     teacher = suite.load_teacher(plan.teacher, device)
     teacher_id = suite.teacher_id(plan.teacher)
@@ -109,7 +141,8 @@ def run(plan: RunPlan) -> list[Path]:
                 **base, "seed": seed, "config_hash": chash, "display": method.display, "group": method.group,
                 "nfe_counted": stats["nfe_counted"], "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,
-                "sampling": {"n_samples": plan.samples, "noise_seeds": f"seed*2^32 + i, i < {plan.samples}",
+                "sampling": {"n_samples": plan.samples,
+                             "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
                              "batch": plan.batch, "seconds": stats["sampling_seconds"],
                              "images_per_second": stats["images_per_second"], "device": str(device)},
                 "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),

@@ -9,11 +9,17 @@ import torch
 from sfdbench.diffusion.denoiser import CountingDenoiser
 from sfdbench.methods.base import Fitted
 
+SEED_STRIDE = 10_000_000  # samples per run seed; torch's CPU generator keeps only 32 seed bits
+MAX_RUN_SEED = 2**32 // SEED_STRIDE - 1  # 428
+
 
 def noise_seed(run_seed: int, index: int) -> int:
-    """Sample ``index`` of a run with seed ``run_seed`` uses this generator seed; for run seed 0
-    it is the sample index itself, as in the paper's protocol (seeds 0..n-1)."""
-    return run_seed * 2**32 + index
+    """Sample ``index`` of a run with seed ``run_seed`` uses generator seed run_seed * 10^7 + index;
+    for run seed 0 that is the sample index itself, as in the paper's protocol (seeds 0..n-1).
+    (torch.Generator.manual_seed on CPU uses only the low 32 bits, hence the decimal stride.)"""
+    if not 0 <= index < SEED_STRIDE or not 0 <= run_seed <= MAX_RUN_SEED:
+        raise ValueError(f"need 0 <= seed <= {MAX_RUN_SEED} and fewer than {SEED_STRIDE} samples per seed")
+    return run_seed * SEED_STRIDE + index
 
 
 def seeded_latents(run_seed: int, start: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:

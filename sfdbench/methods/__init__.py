@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sfdbench.errors import BadInput
-from sfdbench.methods.base import Fitted, FitContext, Method
+from sfdbench.methods.base import FitContext, Fitted, Method
 
 _REGISTRY: dict[str, Method] = {}
 

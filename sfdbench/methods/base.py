@@ -56,8 +56,19 @@ class Method:
         if not self.supports(nfe):
             raise BadInput(f"method {self.name!r} does not support NFE {nfe}; it supports {self.nfe_rule()}")
 
-    def hyperparameters(self, suite, nfe: int) -> dict:
+    def default_hyperparameters(self, suite, nfe: int) -> dict:
+        """Every setting that determines the result, before the suite's / user's overrides."""
         raise NotImplementedError
+
+    def hyperparameters(self, suite, nfe: int) -> dict:
+        """Defaults updated by ``suite.method_options[name]`` (the suite's settings and ``--set``);
+        an override of a name the method does not have is bad input."""
+        hp = self.default_hyperparameters(suite, nfe)
+        overrides = suite.method_options.get(self.name, {})
+        unknown = sorted(set(overrides) - set(hp))
+        if unknown:
+            raise BadInput(f"method {self.name!r} has no hyperparameter {unknown[0]!r}; it has {', '.join(sorted(hp))}")
+        return {**hp, **overrides}
 
     def fit(self, ctx: FitContext) -> Fitted:
         raise NotImplementedError

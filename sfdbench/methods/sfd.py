@@ -25,7 +25,7 @@ from sfdbench.diffusion.schedules import get_schedule
 from sfdbench.errors import BadInput
 from sfdbench.harness.accounting import Accounting, Stopwatch, device_name
 from sfdbench.methods import register_method
-from sfdbench.methods.base import Fitted, FitContext, Method
+from sfdbench.methods.base import FitContext, Fitted, Method
 from sfdbench.networks.checkpoint import atomic_write_bytes, load_weights, read_metadata, save_weights
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def sanitize_gradients(params) -> int:
     return bad
 
 
-def sfd_iteration(student: EDMPrecond, teacher: Denoiser, optimizer: torch.optim.Optimizer,
+def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.Optimizer,
                   latents: torch.Tensor, sigmas: torch.Tensor, m: int, schedule: str, rho: float,
                   afs: bool, teacher_options: dict) -> dict:
     """One SFD training iteration on one batch of trajectories (spec 4.4).
@@ -92,7 +92,7 @@ def sfd_iteration(student: EDMPrecond, teacher: Denoiser, optimizer: torch.optim
         loss = l1_sum_mean(x_next, targets[k])
         if not analytic:
             loss.backward()
-            bad_grads += sanitize_gradients(student.parameters())
+            bad_grads += sanitize_gradients(p for group in optimizer.param_groups for p in group["params"])
             optimizer.step()
         losses.append(float(loss.detach()))
         x = x_next.detach()
@@ -138,14 +138,18 @@ class SFDMethod(Method):
     def supports(self, nfe: int) -> bool:
         return isinstance(nfe, int) and 1 <= nfe <= 10
 
-    def hyperparameters(self, suite, nfe: int) -> dict:
-        hp = {"sigma_min": self.sigma_min, "sigma_max": suite.sigma_max, "schedule": self.schedule, "rho": self.rho,
+    def default_hyperparameters(self, suite, nfe: int) -> dict:
+        return {"sigma_min": self.sigma_min, "sigma_max": suite.sigma_max, "schedule": self.schedule, "rho": self.rho,
               "num_steps": nfe + 1 + int(self.afs), "M": self.m, "afs": self.afs, "teacher_solver": "dpmpp",
               **dict(self.teacher_options), "iterations": self.iterations, "batch": self.batch, "lr": self.lr,
               "lr_drop": "x0.1 at half", "loss": "l1", "optimizer": "adam(0.9,0.999,1e-8)",
               "student_mode": "train (dropout on)", "fit_seed": self.fit_seed, "precision": "fp32",
-              "sampler": "euler"}
-        hp.update(suite.method_options.get(self.name, {}))
+              "sampler": "euler", "checkpoint_every": self.checkpoint_every}
+
+    def hyperparameters(self, suite, nfe: int) -> dict:
+        hp = super().hyperparameters(suite, nfe)
+        if hp["num_steps"] != nfe + 1 + int(hp["afs"]):
+            raise BadInput("sfd: num_steps follows from the NFE (N = NFE + 1 + AFS); do not set it")
         return hp
 
     def fit(self, ctx: FitContext) -> Fitted:
@@ -164,11 +168,10 @@ def train_sfd(ctx: FitContext, hp: dict) -> None:
         raise BadInput("SFD needs an EDM-preconditioned teacher network")
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8)
-    gen = torch.Generator(device="cpu").manual_seed(hp["fit_seed"])
     sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"]).to(ctx.device)
     teacher_options = {k: hp[k] for k in ("max_order", "predict_x0", "lower_order_final", "thresholding")}
     ckpt_path = ctx.workdir / "checkpoint.pt"
-    state = _load_checkpoint(ckpt_path, student, optimizer, gen)
+    state = _load_checkpoint(ckpt_path, student, optimizer)
     start_it, watch, log = state["iteration"], Stopwatch(state["wall_seconds"]), state["log"]
     shape = (hp["batch"], *ctx.suite.image_shape)
     iterations = hp["iterations"]
@@ -178,15 +181,19 @@ def train_sfd(ctx: FitContext, hp: dict) -> None:
         for it in range(start_it, iterations):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, iterations, hp["lr"])
-            latents = torch.randn(shape, generator=gen).to(ctx.device)
-            out = sfd_iteration(student, teacher, optimizer, latents, sigmas, hp["M"], hp["schedule"], hp["rho"],
-                                hp["afs"], teacher_options)
+            # Each iteration's noise and dropout masks come from a seed derived from (fit_seed,
+            # iteration), so a resumed fit replays exactly what an uninterrupted one would.
+            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+                torch.manual_seed(iteration_seed(hp["fit_seed"], it))
+                latents = torch.randn(shape, device=ctx.device)
+                out = sfd_iteration(student, teacher, optimizer, latents, sigmas, hp["M"], hp["schedule"],
+                                    hp["rho"], hp["afs"], teacher_options)
             log["bad_gradients"] += out["bad_gradients"]
             log["nan_loss_iterations"] += int(out["loss_nan"])
             log["loss_last"] = out["losses"]
             advance(info=f"L1 {sum(out['losses'][int(hp['afs']):]):.3f}")
-            if (it + 1) % hp.get("checkpoint_every", 50) == 0 and it + 1 < iterations:
-                _save_checkpoint(ckpt_path, student, optimizer, gen, it + 1, watch.seconds, log)
+            if (it + 1) % hp["checkpoint_every"] == 0 and it + 1 < iterations:
+                _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log)
     accounting = Accounting(watch.seconds, device_name(ctx.device), 1)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
@@ -221,16 +228,20 @@ def load_fitted(path: Path, teacher: EDMPrecond, device) -> Fitted:
     return Fitted(denoiser=student, sample=sample, nfe=s["nfe"], fine_tuning=fine_tuning, info={"sampling": s})
 
 
-def _save_checkpoint(path: Path, student, optimizer, gen, iteration: int, wall: float, log: dict) -> None:
+def iteration_seed(fit_seed: int, iteration: int) -> int:
+    return (fit_seed * 1_000_003 + iteration) % 2**32
+
+
+def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict) -> None:
     import io
 
     buf = io.BytesIO()
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "rng": gen.get_state(),
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "iteration": iteration, "wall_seconds": wall, "log": json.dumps(log)}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_checkpoint(path: Path, student, optimizer, gen) -> dict:
+def _load_checkpoint(path: Path, student, optimizer) -> dict:
     fresh = {"iteration": 0, "wall_seconds": 0.0, "log": {"bad_gradients": 0, "nan_loss_iterations": 0}}
     if not path.is_file():
         return fresh
@@ -238,7 +249,6 @@ def _load_checkpoint(path: Path, student, optimizer, gen) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code execution
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
     except Exception as exc:
         raise BadInput(f"corrupt checkpoint {path} ({exc}); delete it to restart this fit") from exc
     return {"iteration": state["iteration"], "wall_seconds": state["wall_seconds"], "log": json.loads(state["log"])}

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from sfdbench.diffusion import solvers
 from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.errors import BadInput
 from sfdbench.methods import register_method
-from sfdbench.methods.base import Fitted, FitContext, Method
+from sfdbench.methods.base import FitContext, Fitted, Method
 
 
 @dataclass
@@ -40,18 +41,26 @@ class SolverMethod(Method):
             return "any NFE >= 1"
         return f"NFE = 2(N-1){' - 1' if self.afs else ''}, i.e. {'odd' if self.afs else 'even'} NFE >= 2"
 
-    def hyperparameters(self, suite, nfe: int) -> dict:
+    def default_hyperparameters(self, suite, nfe: int) -> dict:
         return {"solver": self.solver, "schedule": self.schedule, "rho": self.rho, "afs": self.afs,
                 "num_steps": self.steps_for_nfe(nfe), "sigma_min": suite.sigma_min,
                 "sigma_max": suite.sigma_max, **self.options}
 
+    def hyperparameters(self, suite, nfe: int) -> dict:
+        hp = super().hyperparameters(suite, nfe)
+        if hp["solver"] != self.solver or hp["num_steps"] != self.steps_for_nfe(nfe) or hp["afs"] != self.afs:
+            raise BadInput(f"{self.name}: solver, num_steps and afs are fixed by the method and NFE; "
+                           "register a new method to change them")
+        return hp
+
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
-        sigmas = get_schedule(self.schedule, hp["num_steps"], hp["sigma_min"], hp["sigma_max"], self.rho)
+        sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"])
         solver = solvers.SOLVERS[self.solver]
+        options = {k: hp[k] for k in self.options}
 
         def sample(denoiser, latents):
-            return solvers.sample(solver, denoiser, latents, sigmas, afs=self.afs, **self.options)
+            return solvers.sample(solver, denoiser, latents, sigmas, afs=self.afs, **options)
 
         return Fitted(denoiser=ctx.teacher, sample=sample, nfe=ctx.nfe)
 

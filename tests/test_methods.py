@@ -1,0 +1,67 @@
+"""Every registered method: NFE counted equals NFE declared, at every NFE we run."""
+
+import pytest
+import torch
+
+from sfdbench.diffusion.denoiser import CountingDenoiser
+from sfdbench.errors import BadInput
+from sfdbench.methods import FitContext, all_methods, get_method
+from sfdbench.suites.digits import DigitsSuite
+
+
+@pytest.fixture(scope="module")
+def suite():
+    s = DigitsSuite()
+    s.method_options = {"sfd": {"iterations": 2, "batch": 4, "checkpoint_every": 1}}
+    return s
+
+
+@pytest.fixture(scope="module")
+def teacher(suite):
+    return suite.load_teacher()
+
+
+def nfes_to_check(method):
+    return [n for n in (1, 2, 3, 4, 5, 6, 10, 36) if method.supports(n)]
+
+
+@pytest.mark.parametrize("name", [m.name for m in all_methods()])
+def test_nfe_counted_equals_declared(name, suite, teacher, tmp_path):
+    method = get_method(name)
+    checked = nfes_to_check(method)
+    assert checked, f"{name} supports none of the NFEs we test"
+    if method.group == "distillation":
+        checked = checked[:2]  # each NFE is a (tiny) fit
+    for nfe in checked:
+        fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=tmp_path / f"{name}-{nfe}"))
+        counter = CountingDenoiser(fitted.denoiser)
+        latents = torch.randn(3, *suite.image_shape)
+        with torch.no_grad():
+            out = fitted.sample(counter, latents)
+        assert out.shape == latents.shape and torch.isfinite(out).all()
+        assert counter.samples == 3 * nfe, f"{name} NFE {nfe}: {counter.samples / 3} evaluations per sample"
+        assert counter.calls == nfe
+
+
+def test_unsupported_nfe_is_bad_input():
+    with pytest.raises(BadInput, match="does not support NFE 3"):
+        get_method("heun").check_nfe(3)
+    with pytest.raises(BadInput):
+        get_method("ddim").check_nfe(0)
+    with pytest.raises(BadInput, match="unknown method"):
+        get_method("warp-drive")
+
+
+def test_heun_nfe_rule():
+    heun = get_method("heun")
+    assert [n for n in range(1, 12) if heun.supports(n)] == [2, 4, 6, 8, 10]
+    assert heun.hyperparameters(DigitsSuite(), 36)["num_steps"] == 19
+
+
+def test_overrides_enter_hyperparameters(suite):
+    hp = get_method("sfd").hyperparameters(suite, 2)
+    assert hp["iterations"] == 2 and hp["num_steps"] == 4 and hp["M"] == 3 and hp["sigma_min"] == 0.006
+    bad = DigitsSuite()
+    bad.method_options = {"ddim": {"num_steps": 9}}
+    with pytest.raises(BadInput):
+        get_method("ddim").hyperparameters(bad, 2)
