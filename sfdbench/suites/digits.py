@@ -72,7 +72,7 @@ class DigitsSuite(Suite):
                 GridEntry("sfd", (2, 3, 4, 5)),
             ),
             default_seeds=(0, 1, 2),
-            default_samples=1000,
+            default_samples=2000,
             # The paper fine-tunes a 56M-parameter CIFAR-10 model for 1563 iterations at lr 5e-5;
             # the 1M-parameter digits teacher reaches its plateau in 100 iterations at lr 5e-4
             # (measured: NFE 2 FID 9.3 at 5e-5 vs 5.6 at 5e-4 after 100 iterations).
