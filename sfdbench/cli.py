@@ -110,19 +110,65 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
 @app.command("table")
 def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("markdown", "--format",
                                                                            help="latex | markdown | csv"),
-              results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`")):
-    """Comparison table from the records: FID mean ± std over seeds, fine-tuning time."""
-    from sfdbench.records import load_records
-    from sfdbench.report.tables import FORMATS, render, summarize
+              results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
+              published: bool = typer.Option(True, help="show the paper's published rows beside measured ones")):
+    """Comparison table: measured rows (FID mean ± std over seeds, metrics, fine-tuning time)
+    and the paper's published rows, grouped as in the paper's Tables 2/3."""
+    from sfdbench.report.tables import FORMATS, render
     from sfdbench.suites import get_suite
 
     if fmt not in FORMATS:
         raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     s = get_suite(suite)
-    records = load_records(results, s.name)
-    if records.empty:
-        raise BadInput(f"no {s.name} records under {results}; run `sfdbench run --suite {s.name}` first")
-    print(render(summarize(records), fmt))
+    table = _suite_table(s.name, results, published)
+    caption = (f"{s.name}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
+               "published rows are the SFD paper's (A100 hours).")
+    print(render(table, fmt, caption=caption))
+
+
+def _suite_table(suite: str, results: Path, published: bool = True):
+    """Measured + published rows of ``suite``; bad input when there is nothing to show."""
+    from sfdbench.baselines import load_published
+    from sfdbench.records import load_records
+    from sfdbench.report.tables import combine, published_rows, summarize
+
+    measured = summarize(load_records(results, suite))
+    paper = published_rows(load_published(suite)) if published else summarize(load_records(Path("/nonexistent"),
+                                                                                           suite))
+    if measured.empty and paper.empty:
+        raise BadInput(f"no {suite} records under {results} and no published rows; run `sfdbench run --suite {suite}`")
+    return combine(measured, paper)
+
+
+@app.command("plot")
+def plot_cmd(suite: str = typer.Option("digits"),
+             results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
+             out_dir: Path | None = typer.Option(None, "--out", help="folder for the PNG and PDF "
+                                                   "(default RESULTS/SUITE/plots)"),
+             published: bool = typer.Option(True, help="draw the paper's published points (hollow)")):
+    """FID vs fine-tuning time (log x, device-hours): PNG + PDF."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from sfdbench.networks.checkpoint import atomic_write_bytes
+    from sfdbench.report.plots import fid_vs_finetuning
+    from sfdbench.suites import get_suite
+
+    s = get_suite(suite)
+    target = out_dir or results / s.name / "plots"
+    _check_writable_dir(target)
+    table = _suite_table(s.name, results, published)
+    fig = fid_vs_finetuning(table, f"{s.name}: FID vs fine-tuning time")
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, bbox_inches="tight")
+        path = target / f"fid_vs_finetuning.{ext}"
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    out.print("wrote " + ", ".join(map(str, paths)))
 
 
 @app.command("suites")

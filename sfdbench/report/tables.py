@@ -1,5 +1,7 @@
-"""Comparison tables from run records (pandas): Method, NFE, FID mean +- std over seeds,
-fine-tuning time. Formats: LaTeX, Markdown, CSV."""
+"""Comparison tables from run records and published numbers, laid out like the SFD paper's
+Tables 2/3: "Solver-based" then "Distillation" groups, Method, NFE, FID mean ± std over seeds,
+the other metrics when measured, fine-tuning time, and whether a row is measured or published.
+Formats: LaTeX (booktabs), Markdown, CSV."""
 
 from __future__ import annotations
 
@@ -8,35 +10,98 @@ import pandas as pd
 from sfdbench.errors import BadInput
 
 FORMATS = ("latex", "markdown", "csv")
-GROUP_ORDER = {"solver": 0, "distillation": 1}
+GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
+EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov."}
+COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
+           "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device"]
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, NFE): FID mean, std (ddof=1) and seed count; fine-tuning hours and device."""
+    """Measured rows: one per (method, NFE) with metric means, FID std (ddof=1) and seed count."""
     if records.empty:
-        return pd.DataFrame(columns=["group", "method", "display", "nfe", "fid_mean", "fid_std", "seeds",
-                                     "n_samples", "fine_tuning_hours", "device"])
-    grouped = records.groupby(["group", "method", "display", "nfe"], sort=False)
-    table = grouped.agg(fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "nunique"),
-                        n_samples=("n_samples", "max"), fine_tuning_hours=("fine_tuning_hours", "mean"),
-                        device=("device", "first")).reset_index()
-    table["group_order"] = table["group"].map(GROUP_ORDER).fillna(9)
-    first_seen = {m: i for i, m in enumerate(records["method"].drop_duplicates())}
-    table["method_order"] = table["method"].map(first_seen)
-    return table.sort_values(["group_order", "method_order", "nfe"]).drop(columns=["group_order", "method_order"])
+        return pd.DataFrame(columns=COLUMNS)
+    aggs = {"fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"), "seeds": ("seed", "nunique"),
+            "n_samples": ("n_samples", "max"), "fine_tuning_hours": ("fine_tuning_hours", "mean"),
+            "device": ("device", "first")}
+    aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
+    table = records.groupby(["group", "method", "display", "nfe"], sort=False).agg(**aggs).reset_index()
+    table["source"], table["fid_qualifier"], table["hours_qualifier"] = "measured", "", ""
+    return table.reindex(columns=COLUMNS)
 
 
-def _fid_cell(mean: float, std: float, seeds: int, latex: bool) -> str:
-    if seeds < 2 or pd.isna(std):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} $\\pm$ {std:.2f}" if latex else f"{mean:.2f} ± {std:.2f}"
+def published_rows(published: pd.DataFrame) -> pd.DataFrame:
+    """Published rows in the same columns (A100 GPU-hours as printed, no seed spread)."""
+    if published.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    rows = published.rename(columns={"fid": "fid_mean", "training_hours": "fine_tuning_hours",
+                                     "training_hours_qualifier": "hours_qualifier"})
+    rows["source"], rows["device"] = "published", "A100"
+    return rows.reindex(columns=COLUMNS)
 
 
-def _hours_cell(hours: float, device) -> str:
-    if not hours:
+def combine(measured: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """Measured and published rows sorted by group, method (first appearance), NFE, measured first."""
+    frames = [f for f in (measured, published) if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    both = pd.concat(frames, ignore_index=True)
+    order = {m: i for i, m in enumerate(both["method"].drop_duplicates())}
+    key = pd.DataFrame({"g": both["group"].map({g: i for i, g in enumerate(GROUPS)}).fillna(9),
+                        "m": both["method"].map(order), "n": both["nfe"].astype(int),
+                        "s": (both["source"] != "measured").astype(int)})
+    return both.loc[key.sort_values(["g", "m", "n", "s"], kind="stable").index].reset_index(drop=True)
+
+
+def _fid_cell(row, pm: str) -> str:
+    if pd.isna(row["fid_mean"]):
+        return "–"
+    text = f"{row['fid_qualifier'] or ''}{row['fid_mean']:.2f}"
+    if row["source"] == "measured" and row["seeds"] and row["seeds"] >= 2 and not pd.isna(row["fid_std"]):
+        text += f" {pm} {row['fid_std']:.2f}"
+    return text
+
+
+def _hours_cell(row) -> str:
+    hours = row["fine_tuning_hours"]
+    if pd.isna(hours) or hours == 0:
         return "0"
-    name = str(device or "").replace("CPU: ", "")
-    return f"{hours:.3f} ({name})" if name else f"{hours:.3f}"
+    device = str(row["device"] or "").replace("CPU: ", "")
+    number = f"{hours:g}" if row["source"] == "published" else f"{hours:.3g}"
+    return f"{row['hours_qualifier'] or ''}{number}" + (f" ({device})" if device else "")
+
+
+def _metric_cell(value) -> str:
+    return "–" if pd.isna(value) else f"{value:.3f}"
+
+
+def _view(table: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, list[str]]:
+    metrics = [m for m in EXTRA_METRICS if m in table and table[m].notna().any()]
+    view = pd.DataFrame({
+        "Method": table["display"].astype(str),
+        "NFE": table["nfe"].astype(int),
+        "FID": [_fid_cell(r, pm) for _, r in table.iterrows()],
+        **{EXTRA_METRICS[m]: [_metric_cell(v) for v in table[m]] for m in metrics},
+        "Fine-tuning (device-h)": [_hours_cell(r) for _, r in table.iterrows()],
+        "Source": table["source"].astype(str),
+    })
+    return view, list(table["group"])
+
+
+def render(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
+    """Render a ``combine``/``summarize`` table in ``fmt`` (latex | markdown | csv)."""
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "markdown":
+        view, groups = _view(table, "±")
+        blocks = []
+        for group in GROUPS:
+            part = view[[g == group for g in groups]]
+            if not part.empty:
+                blocks.append(f"**{GROUPS[group]}**\n\n" + part.to_markdown(index=False))
+        return "\n\n".join(blocks)
+    return _latex(table, caption)
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -47,25 +112,27 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def render(summary: pd.DataFrame, fmt: str) -> str:
-    """Render a ``summarize`` table in ``fmt`` (latex | markdown | csv)."""
-    if fmt not in FORMATS:
-        raise BadInput(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "csv":
-        return summary.to_csv(index=False)
-    latex = fmt == "latex"
-    text = latex_escape if latex else str
-    view = pd.DataFrame({
-        "Method": [text(d) for d in summary["display"]],
-        "NFE": summary["nfe"].astype(int),
-        "FID": [_fid_cell(m, s, n, latex) for m, s, n in zip(summary["fid_mean"], summary["fid_std"],
-                                                                summary["seeds"])],
-        "Seeds": summary["seeds"].astype(int),
-        "Fine-tuning (device-h)": [text(_hours_cell(h, d)) for h, d in zip(summary["fine_tuning_hours"],
-                                                                             summary["device"])],
-    })
-    if fmt == "markdown":
-        return view.to_markdown(index=False)
-    return view.to_latex(index=False, escape=False, column_format="lrrrl",
-                         caption="FID (mean $\\pm$ std over seeds) and fine-tuning cost.",
-                         label="tab:sfdbench")
+def latex_cell(text: str) -> str:
+    """Escape a cell; the qualifiers ~ < > and ± become math symbols (text-mode < prints as ¡)."""
+    math = {"~": r"$\sim$", "<": "$<$", ">": "$>$", "±": r"$\pm$"}
+    return "".join(math.get(ch) or _LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex(table: pd.DataFrame, caption: str) -> str:
+    """A booktabs table with one \\midrule-separated block per group, like the paper's tables."""
+    view, groups = _view(table, "±")
+    cols = list(view.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "r" * (len(cols) - 3) + "ll}", r"\toprule",
+             " & ".join(latex_escape(c) for c in cols) + r" \\"]
+    for group in GROUPS:
+        part = view[[g == group for g in groups]]
+        if part.empty:
+            continue
+        lines += [r"\midrule", rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{GROUPS[group]}}}}} \\"]
+        for _, row in part.iterrows():
+            cells = [latex_cell(v) for v in row.astype(str)]
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_cell(caption)}}}", r"\label{tab:sfdbench}",
+              r"\end{table}"]
+    return "\n".join(lines) + "\n"

@@ -12,7 +12,19 @@ def _digits() -> Suite:
     return DigitsSuite()
 
 
-SUITES = {"digits": _digits}
+def _cifar10() -> Suite:
+    from sfdbench.suites.paper import cifar10
+
+    return cifar10()
+
+
+def _imagenet64() -> Suite:
+    from sfdbench.suites.paper import imagenet64
+
+    return imagenet64()
+
+
+SUITES = {"digits": _digits, "cifar10": _cifar10, "imagenet64": _imagenet64}
 
 
 def suite_names() -> list[str]:
