@@ -144,31 +144,126 @@ def _suite_table(suite: str, results: Path, published: bool = True):
 def plot_cmd(suite: str = typer.Option("digits"),
              results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
              out_dir: Path | None = typer.Option(None, "--out", help="folder for the PNG and PDF "
-                                                   "(default RESULTS/SUITE/plots)"),
+                                                 "(default RESULTS/SUITE/plots)"),
              published: bool = typer.Option(True, help="draw the paper's published points (hollow)")):
     """FID vs fine-tuning time (log x, device-hours): PNG + PDF."""
+    from sfdbench.suites import get_suite
+
+    s = get_suite(suite)
+    target = out_dir or results / s.name / "plots"
+    _check_writable_dir(target)
+    paths = _write_plot(s.name, _suite_table(s.name, results, published), target)
+    out.print("wrote " + ", ".join(map(str, paths)))
+
+
+def _write_plot(suite: str, table, target: Path) -> list[Path]:
     import io
 
     import matplotlib.pyplot as plt
 
     from sfdbench.networks.checkpoint import atomic_write_bytes
     from sfdbench.report.plots import fid_vs_finetuning
-    from sfdbench.suites import get_suite
 
-    s = get_suite(suite)
-    target = out_dir or results / s.name / "plots"
-    _check_writable_dir(target)
-    table = _suite_table(s.name, results, published)
-    fig = fid_vs_finetuning(table, f"{s.name}: FID vs fine-tuning time")
+    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time")
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, bbox_inches="tight")
-        path = target / f"fid_vs_finetuning.{ext}"
+        path = Path(target) / f"fid_vs_finetuning.{ext}"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     plt.close(fig)
-    out.print("wrote " + ", ".join(map(str, paths)))
+    return paths
+
+
+@app.command("report")
+def report_cmd(suite: str = typer.Option("digits"),
+               results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
+               out_path: Path | None = typer.Option(None, "--out", help="HTML file (default RESULTS/SUITE/report.html)")):
+    """One static HTML file (tables, plot, sample grids, run metadata) that opens offline."""
+    from sfdbench.networks.checkpoint import atomic_write_bytes
+    from sfdbench.records import load_records, read_record
+    from sfdbench.report.html import report_html
+    from sfdbench.suites import get_suite
+
+    s = get_suite(suite)
+    target = out_path or results / s.name / "report.html"
+    if target.suffix != ".html":
+        raise BadInput(f"--out {target} must end in .html")
+    _check_writable_dir(target.parent)
+    table = _suite_table(s.name, results)
+    plot_png = _write_plot(s.name, table, results / s.name / "plots")[0] if (results / s.name).is_dir() else None
+    if plot_png is None:
+        import tempfile
+
+        plot_png = _write_plot(s.name, table, Path(tempfile.mkdtemp()))[0]
+    records = load_records(results, s.name)
+    grids, metadata = [], {"suite": s.name, "description": s.description}
+    if not records.empty:
+        for (method, display, nfe), _ in records.groupby(["method", "display", "nfe"], sort=False):
+            path = results / s.name / "grids" / f"{method}-nfe{nfe}.png"
+            if path.is_file():
+                grids.append((f"{display}, NFE {nfe}", path))
+        first = read_record(Path(records["path"].iloc[-1])) or {}
+        metadata.update({"records": len(records), "seeds": sorted(set(records["seed"])),
+                         "samples per record": sorted(set(records["n_samples"].dropna().astype(int))),
+                         "metric protocol": first.get("metric_protocol"), "versions": first.get("versions"),
+                         "git revision": first.get("git_revision"), "last run ended": first.get("ended_at"),
+                         "fine-tuning devices": sorted(set(records["device"].dropna()))})
+    atomic_write_bytes(target, report_html(s.name, table, plot_png, grids, metadata).encode())
+    out.print(f"wrote {target}")
+
+
+@app.command("check")
+def check_cmd(suite: str = typer.Option("digits"),
+              results: Path = typer.Option(Path("results/check"), help="where the fresh check records go"),
+              reference: Path = typer.Option(Path("results/reference"), help="committed reference records"),
+              update_reference: bool = typer.Option(False, help="copy the fresh records into --reference"),
+              run_grid: bool = typer.Option(True, "--run/--no-run", help="run the suite's check grid first")):
+    """Regression gate: run the suite's quick grid and compare with the committed references.
+    Exit 1 when a metric is worse than its tolerance; improvements are reported, not failed."""
+    import shutil
+
+    from rich.table import Table
+
+    from sfdbench.harness.runner import RunPlan, run
+    from sfdbench.records import load_records, records_dir
+    from sfdbench.report.check import compare, failed
+    from sfdbench.suites import get_suite
+
+    s = get_suite(suite)
+    if not s.check_grid:
+        raise BadInput(f"suite {s.name!r} has no check grid")
+    if run_grid:
+        run(RunPlan(suite=s.name, grid=[(e.method, n) for e in s.check_grid for n in e.nfes],
+                    seeds=list(s.check_seeds), samples=s.check_samples, out=results))
+    fresh = load_records(results, s.name)
+    if update_reference:
+        target = records_dir(reference, s.name)
+        target.mkdir(parents=True, exist_ok=True)
+        for old in target.glob("*.json"):
+            old.unlink()
+        for path in fresh["path"]:
+            shutil.copy2(path, target / Path(path).name)
+        out.print(f"reference updated: {len(fresh)} records in {target}")
+        return
+    ref = load_records(reference, s.name)
+    if ref.empty:
+        raise BadInput(f"no reference records in {records_dir(reference, s.name)}; create them with --update-reference")
+    comparison = compare(fresh, ref)
+    table = Table("method", "NFE", "metric", "reference", "fresh", "delta", "tolerance", "status",
+                  title=f"sfdbench check: {s.name}")
+    colors = {"ok": "green", "improvement": "cyan"}
+    for _, r in comparison.iterrows():
+        color = colors.get(r["status"], "red")
+        table.add_row(r["method"], str(r["nfe"]), r["metric"], f"{r['reference']:.3f}", f"{r['fresh']:.3f}",
+                      f"{r['delta']:+.3f}", f"{r['tolerance']:.3f}", f"[{color}]{r['status']}[/{color}]")
+    out.print(table)
+    if failed(comparison):
+        out.print("[red]regression: a metric moved beyond its tolerance (or a configuration changed; "
+                  "regenerate references with --update-reference if that was intended)[/red]")
+        raise typer.Exit(1)
+    out.print("[green]no regression[/green]")
 
 
 @app.command("suites")
@@ -258,7 +353,7 @@ def _check_writable_dir(path: Path) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code in non-standalone mode
     except SfdbenchError as exc:
         print(f"sfdbench: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
@@ -272,6 +367,7 @@ def main() -> None:
             print(f"sfdbench: error: {exc.format_message()}", file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,26 @@ def check_writable(path: Path) -> None:
         raise BadInput(f"cannot write to --out {path}: {probe} is not a writable directory")
 
 
+GRID_SEED, GRID_SIZE = 0, 64
+
+
+def write_sample_grid(fitted, suite, path: Path, device) -> Path:
+    """An 8x8 PNG grid of samples 0..63 of run seed 0: the same noise for every method and NFE."""
+    import io
+
+    import torchvision
+
+    from sfdbench.networks.checkpoint import atomic_write_bytes
+
+    images, _ = generate(fitted, GRID_SEED, GRID_SIZE, suite.image_shape, GRID_SIZE, device)
+    buf = io.BytesIO()
+    u8 = to_uint8(images).float() / 255.0
+    u8 = torch.nn.functional.interpolate(u8, scale_factor=4, mode="nearest") if u8.shape[-1] < 32 else u8
+    torchvision.utils.save_image(u8, buf, format="png", nrow=8, padding=2, pad_value=1.0)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def run(plan: RunPlan) -> list[Path]:
     """Execute ``plan``; returns the record paths (written or already present)."""
     validate(plan)
@@ -129,6 +149,8 @@ def run(plan: RunPlan) -> list[Path]:
         workdir = Path(plan.out) / suite.name / "fits" / f"{method.name}-nfe{nfe}-{fit_hash}"
         fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
                                        progress=progress_bar))
+        grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" /
+                                      f"{method.name}-nfe{nfe}.png", device)
         for seed, chash, path in todo:
             started = now()
             with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:
@@ -145,6 +167,7 @@ def run(plan: RunPlan) -> list[Path]:
                              "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
                              "batch": plan.batch, "seconds": stats["sampling_seconds"],
                              "images_per_second": stats["images_per_second"], "device": str(device)},
+                "sample_grid": str(grid_path),
                 "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
                 "command": "sfdbench " + shlex.join(sys.argv[1:]),
             }

@@ -26,6 +26,10 @@ class Suite:
     default_seeds: tuple[int, ...] = (0, 1, 2)
     default_samples: int = 1000
     method_options: dict = field(default_factory=dict)  # per-method overrides, e.g. {"sfd": {...}}
+    # the quick grid `sfdbench check` runs and compares with results/reference/<suite>/
+    check_grid: tuple[GridEntry, ...] = ()
+    check_seeds: tuple[int, ...] = (0, 1, 2)
+    check_samples: int = 1000
 
     def load_teacher(self, path=None, device: str | torch.device = "cpu") -> Denoiser:
         raise NotImplementedError
