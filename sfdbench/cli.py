@@ -179,7 +179,8 @@ def _write_plot(suite: str, table, target: Path) -> list[Path]:
 @app.command("report")
 def report_cmd(suite: str = typer.Option("digits"),
                results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
-               out_path: Path | None = typer.Option(None, "--out", help="HTML file (default RESULTS/SUITE/report.html)")):
+               out_path: Path | None = typer.Option(None, "--out",
+                                                    help="HTML file (default RESULTS/SUITE/report.html)")):
     """One static HTML file (tables, plot, sample grids, run metadata) that opens offline."""
     from sfdbench.networks.checkpoint import atomic_write_bytes
     from sfdbench.records import load_records, read_record

@@ -37,7 +37,7 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
         ax.text(math.sqrt(lo * hi), 0.98, GROUP_LABELS.get(group, group), transform=ax.get_xaxis_transform(),
                 ha="center", va="top", fontsize=8, color="#555555")
     cmap = plt.get_cmap("tab20")
-    for i, (method, part) in enumerate(table.groupby("method", sort=False)):
+    for i, (_, part) in enumerate(table.groupby("method", sort=False)):
         color, marker = cmap((2 * i) % 20 + (i // 10) % 2), MARKERS[i % len(MARKERS)]
         label = part["display"].iloc[0]
         for source, rows in part.groupby("source"):
