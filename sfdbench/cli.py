@@ -295,6 +295,19 @@ def methods_cmd():
     out.print(table)
 
 
+@app.command("assets")
+def assets_cmd():
+    """List the real suites' downloadable assets: URL, cache path, present or missing."""
+    from rich.table import Table
+
+    from sfdbench.suites.assets import cache_dir, status
+
+    table = Table("asset", "present", "path", "url", title=f"cache: {cache_dir()} (set SFDBENCH_CACHE to move it)")
+    for _key, asset, present in status():
+        table.add_row(asset.name, "[green]yes[/green]" if present else "[red]no[/red]", str(asset.path), asset.url)
+    out.print(table)
+
+
 @app.command("sample")
 def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetensors written by `sfdbench run`"),
                suite: str = typer.Option("digits"), samples: int = typer.Option(64), seed: int = typer.Option(0),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -55,10 +58,27 @@ def register() -> None:
         torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, DigitsFeatureExtractor)
 
 
-def create(weights_path) -> FeatureExtractorBase:
+def create(weights_path, cuda: bool = False) -> FeatureExtractorBase:
     """The registered extractor, built through torch-fidelity's factory."""
     from torch_fidelity.utils import create_feature_extractor
 
     register()
-    return create_feature_extractor(EXTRACTOR_NAME, [FEATURE_LAYER], cuda=False,
+    return create_feature_extractor(EXTRACTOR_NAME, [FEATURE_LAYER], cuda=cuda,
                                     feature_extractor_weights_path=str(weights_path), verbose=False)
+
+
+@cache
+def _feature_space(weights_path: str):
+    from sfdbench.metrics.features import FeatureSpace, sha256_of
+
+    config = read_metadata(weights_path).get("config", {})
+    return FeatureSpace(name=EXTRACTOR_NAME, layer=FEATURE_LAYER, dim=int(config.get("feature_dim", 64)),
+                        weights_id=sha256_of(weights_path)[:16], create=lambda cuda: create(weights_path, cuda),
+                        channels=(1,), image_size=(8, 8), batch_size=500,
+                        description="sfdbench digits CNN, penultimate ReLU layer")
+
+
+def feature_space(weights_path):
+    """The digits feature space (64-d penultimate layer), one instance per weights file, for
+    ``sfdbench.metrics.evaluate.compute_metrics``."""
+    return _feature_space(str(Path(weights_path).resolve()))

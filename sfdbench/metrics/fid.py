@@ -28,9 +28,10 @@ class TensorImages(Dataset):
 
 
 def extract_features(extractor: FeatureExtractorBase, images_u8: torch.Tensor, layer: str,
-                     batch_size: int = 500) -> torch.Tensor:
-    """Features of ``layer`` for every image, float64 [N, D], via torch-fidelity's extraction loop."""
-    feats = get_featuresdict_from_dataset(TensorImages(images_u8), extractor, batch_size, cuda=False,
+                     batch_size: int = 500, cuda: bool = False) -> torch.Tensor:
+    """Features of ``layer`` for every image, float64 [N, D], via torch-fidelity's extraction loop
+    (``cuda=True`` moves each batch to the GPU; the extractor must already be there)."""
+    feats = get_featuresdict_from_dataset(TensorImages(images_u8), extractor, batch_size, cuda=cuda,
                                           save_cpu_ram=True, verbose=False)
     return feats[layer].to(torch.float64)
 

@@ -1,0 +1,135 @@
+"""Feature spaces: a torch-fidelity feature extractor, the layer we read, and the identity of its
+weights (which keys cached reference statistics).
+
+* ``inception_feature_space()``: torch-fidelity's ``inception-v3-compat`` (the TF Inception-v3 of
+  2015-12-05 ported to PyTorch -- the network EDM's ``inception-2015-12-05.pkl`` also wraps), pool3
+  layer ``"2048"``. Its weights file is looked up in torch hub's cache *before* torch-fidelity is
+  asked for the network, so an offline machine gets ``MissingAsset`` instead of a download attempt.
+* ``sfdbench.metrics.digits_features.feature_space()``: the shipped digits CNN, 64-d.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+from sfdbench.errors import BadInput, MissingAsset
+from sfdbench.metrics.fid import extract_features
+
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_LAYER = "2048"
+
+
+@dataclass(eq=False)
+class FeatureSpace:
+    """How images become feature vectors. ``create(cuda)`` builds the torch-fidelity extractor
+    (lazily, once per device); ``features`` runs it through torch-fidelity's extraction loop."""
+
+    name: str  # torch-fidelity registry name
+    layer: str  # one of the extractor's provided features
+    dim: int
+    weights_id: str  # content hash (prefix) of the weights file
+    create: Callable[[bool], FeatureExtractorBase]
+    channels: tuple[int, ...] = (3,)  # accepted input channel counts
+    image_size: tuple[int, int] | None = None  # required (H, W); None: the extractor resizes
+    gray_to_rgb: bool = False  # repeat 1-channel images to 3 channels (spec 9.1)
+    batch_size: int = 200
+    description: str = ""
+    _extractors: dict = field(default_factory=dict, repr=False)
+
+    def extractor(self, device: str | torch.device = "cpu") -> FeatureExtractorBase:
+        cuda = torch.device(device).type == "cuda"
+        if cuda not in self._extractors:
+            self._extractors[cuda] = self.create(cuda)
+        return self._extractors[cuda]
+
+    def features(self, images_u8: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+        """float64 [N, dim] features of uint8 images [N, C, H, W] (validated by the caller)."""
+        if self.gray_to_rgb and images_u8.shape[1] == 1:
+            images_u8 = images_u8.expand(-1, 3, -1, -1)
+        cuda = torch.device(device).type == "cuda"
+        return extract_features(self.extractor(device), images_u8, self.layer, batch_size=self.batch_size, cuda=cuda)
+
+    def protocol(self) -> dict:
+        return {"feature_extractor": self.name, "feature_layer": self.layer, "feature_dim": self.dim,
+                "feature_weights_sha256": self.weights_id}
+
+
+@cache
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime)."""
+    st = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+# ----------------------------------------------------------------------------- Inception-v3
+
+
+def inception_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def inception_weights_path() -> Path:
+    """Where torch-fidelity's ``load_state_dict_from_url`` keeps the weights:
+    ``torch.hub.get_dir()/checkpoints/<file>``, i.e. ``$TORCH_HOME/hub/checkpoints`` with
+    ``TORCH_HOME`` defaulting to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(inception_url())
+
+
+def _expected_sha256_prefix(filename: str) -> str:
+    # torch hub convention: "<name>-<first hex digits of sha256>.<ext>"
+    stem = filename.rsplit(".", 1)[0]
+    return stem.rsplit("-", 1)[-1]
+
+
+def require_inception_weights(path: Path | None = None) -> Path:
+    """The Inception weights file, checked (exists, sha256 prefix) without any download."""
+    explicit = path is not None
+    path = Path(path) if explicit else inception_weights_path()
+    name = os.path.basename(inception_url())
+    if not path.is_file():
+        if explicit:
+            raise MissingAsset(f"missing Inception-v3 weights {path}: download {inception_url()} and pass its path")
+        raise MissingAsset(f"missing Inception-v3 weights {name} (torch-fidelity inception-v3-compat, pool3): "
+                           f"download {inception_url()} and put it at {path} "
+                           "(torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to ~/.cache/torch)")
+    expected = _expected_sha256_prefix(name)
+    digest = sha256_of(path)
+    if not digest.startswith(expected):
+        raise BadInput(f"Inception-v3 weights {path} are corrupt (sha256 {digest[:12]}..., expected {expected}...): "
+                       f"delete the file and download {inception_url()} again")
+    return path
+
+
+def inception_feature_space(weights_path: Path | None = None, batch_size: int = 100) -> FeatureSpace:
+    """torch-fidelity's ``inception-v3-compat`` pool3 (2048-d). Raises ``MissingAsset`` when the
+    weights are not in the cache (nothing is downloaded)."""
+    path = require_inception_weights(weights_path)
+
+    def create(cuda: bool) -> FeatureExtractorBase:
+        from torch_fidelity.utils import create_feature_extractor
+
+        return create_feature_extractor(INCEPTION_NAME, [INCEPTION_LAYER], cuda=cuda,
+                                        feature_extractor_weights_path=str(path), verbose=False)
+
+    return FeatureSpace(name=INCEPTION_NAME, layer=INCEPTION_LAYER, dim=2048, weights_id=sha256_of(path)[:16],
+                        create=create, channels=(1, 3), image_size=None, gray_to_rgb=True, batch_size=batch_size,
+                        description="torch-fidelity inception-v3-compat (TF Inception-v3 2015-12-05), pool3 2048-d, "
+                                    "uint8 RGB resized to 299x299 inside the network")
