@@ -163,6 +163,7 @@ def run(plan: RunPlan) -> list[Path]:
                 **base, "seed": seed, "config_hash": chash, "display": method.display, "group": method.group,
                 "nfe_counted": stats["nfe_counted"], "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,
+                "fit_info": fitted.info,
                 "sampling": {"n_samples": plan.samples,
                              "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
                              "batch": plan.batch, "seconds": stats["sampling_seconds"],

@@ -224,8 +224,10 @@ def load_fitted(path: Path, teacher: EDMPrecond, device) -> Fitted:
         return solvers.sample(solvers.euler, denoiser, latents, sigmas, afs=s["afs"])
 
     fit_json = Path(path).parent / "fit.json"
-    fine_tuning = json.loads(fit_json.read_text())["fine_tuning"] if fit_json.is_file() else None
-    return Fitted(denoiser=student, sample=sample, nfe=s["nfe"], fine_tuning=fine_tuning, info={"sampling": s})
+    fit = json.loads(fit_json.read_text()) if fit_json.is_file() else {}
+    info = {"sampling": s, "loss": meta.get("hyperparameters", {}).get("loss"),
+            "bad_gradients": fit.get("bad_gradients"), "nan_loss_iterations": fit.get("nan_loss_iterations")}
+    return Fitted(denoiser=student, sample=sample, nfe=s["nfe"], fine_tuning=fit.get("fine_tuning"), info=info)
 
 
 def iteration_seed(fit_seed: int, iteration: int) -> int:
