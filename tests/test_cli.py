@@ -19,7 +19,7 @@ def test_run_then_table_tiny_grid(cli, tmp_path):
     rec = json.loads(records[-1].read_text())
     for key in ("suite", "method", "nfe", "seed", "config_hash", "hyperparameters", "metrics", "fine_tuning",
                 "sampling", "versions", "git_revision", "started_at", "ended_at", "metric_protocol"):
-        assert key in rec
+        assert key in rec, key
     sfd = [json.loads(p.read_text()) for p in records if p.name.startswith("sfd-")]
     assert all(s["fine_tuning"]["device_hours"] > 0 and s["fine_tuning"]["devices"] == 1 for s in sfd)
     assert all(s["nfe_counted"] == 2 for s in sfd)
@@ -30,12 +30,14 @@ def test_run_then_table_tiny_grid(cli, tmp_path):
     table = cli("table", "--suite", "digits", "--format", "markdown", "--results", str(out))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].startswith("| Method") and len(lines) == 2 + 3
-    assert "±" in table.stdout and "SFD" in table.stdout and "DPM-Solver++(3M)" in table.stdout
+    assert lines[0] == "**Solver-based**" and "**Distillation**" in lines
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
+    assert len(rows) == 3 and all("measured" in row for row in rows)
+    assert "±" in table.stdout and "| SFD" in table.stdout and "| DPM-Solver++(3M)" in table.stdout
     latex = cli("table", "--format", "latex", "--results", str(out))
     assert latex.returncode == 0 and "\\begin{tabular}" in latex.stdout and "$\\pm$" in latex.stdout
     csv = cli("table", "--format", "csv", "--results", str(out))
-    assert csv.returncode == 0 and csv.stdout.splitlines()[0].startswith("group,method,display,nfe,fid_mean")
+    assert csv.returncode == 0 and csv.stdout.splitlines()[0].startswith("group,method,display,nfe,source,fid_mean")
 
     # a rerun with the same configuration is skipped; --force redoes it
     before = {p.name: p.stat().st_mtime_ns for p in records}

@@ -110,7 +110,7 @@ def test_report_renders_in_headless_chromium(cli, tiny_results, tmp_path):
 
 
 def test_check_catches_a_silently_dropped_step(tmp_path, monkeypatch):
-    plan = dict(suite="digits", grid=[("ddim", 10)], seeds=[0, 1], samples=300)
+    plan = dict(suite="digits", grid=[("ddim", 10)], seeds=[0, 1], samples=200)
     run(RunPlan(out=tmp_path / "ref", **plan))
     run(RunPlan(out=tmp_path / "same", **plan))
     reference = load_records(tmp_path / "ref", "digits")

@@ -191,6 +191,17 @@ SOLVER_NFE = {
     "heun": (solvers.heun, {}, lambda n: 2 * (n - 1)),
     "dpmpp": (solvers.dpmpp_multistep, {}, lambda n: n - 1),
     "dpmpp2-eps": (solvers.dpmpp_multistep, {"max_order": 2, "predict_x0": False}, lambda n: n - 1),
+    "dpm2": (solvers.dpm_solver_2, {}, lambda n: 2 * (n - 1)),
+    "ipndm": (solvers.ipndm, {"max_order": 4}, lambda n: n - 1),
+    "ipndm_v": (solvers.ipndm_v, {"max_order": 4}, lambda n: n - 1),
+    "ipndm_v-exact": (solvers.ipndm_v, {"max_order": 4, "exact": True}, lambda n: n - 1),
+    "deis": (solvers.deis, {"max_order": 3}, lambda n: n - 1),
+    "deis-riemann": (solvers.deis, {"max_order": 4, "quadrature": "riemann"}, lambda n: n - 1),
+    # UniPC: 1 initial evaluation + 1 per non-final step (the final step has no corrector), for
+    # every N -- also N - 1 < max_order, where the reference makes one extra, uncounted call
+    "unipc": (solvers.unipc, {"max_order": 3}, lambda n: n - 1),
+    "unipc-bh1-eps": (solvers.unipc, {"max_order": 2, "variant": "bh1", "predict_x0": False}, lambda n: n - 1),
+    "unipc-no-lof": (solvers.unipc, {"max_order": 3, "lower_order_final": False}, lambda n: n - 1),
 }
 
 
@@ -211,7 +222,8 @@ def test_nfe_counted_and_afs_saves_exactly_one_call(name, n):
     assert counts[True] == nfe(n) - 1
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp", "dpm2", "ipndm", "ipndm_v", "deis", "unipc",
+                                  "unipc-bh1-eps"])
 def test_afs_replaces_only_the_first_direction(name):
     """With AFS the first direction is x / sqrt(1 + sigma_0^2); for Euler the first state is
     known exactly, and every solver differs from its non-AFS run only through that value."""
@@ -273,6 +285,11 @@ def test_schedule_errors():
 BATCH_CASES = {
     "euler": (solvers.euler, {}),
     "heun": (solvers.heun, {}),
+    "dpm2": (solvers.dpm_solver_2, {}),
+    "ipndm": (solvers.ipndm, {}),
+    "ipndm_v": (solvers.ipndm_v, {}),
+    "deis": (solvers.deis, {}),
+    "unipc-thr": (solvers.unipc, {"max_order": 3, "thresholding": True}),
     "dpmpp3-thr": (solvers.dpmpp_multistep, {"max_order": 3, "thresholding": True}),
     "dpmpp2": (solvers.dpmpp_multistep, {"max_order": 2, "thresholding": False}),
     "dpmpp2-eps": (solvers.dpmpp_multistep, {"max_order": 2, "predict_x0": False}),
@@ -296,3 +313,146 @@ def test_sample_independent_of_batch_composition(name, afs):
     if name == "dpmpp3-thr":  # the thresholding is per sample and active here
         plain = solvers.sample(solver, den, z, sigmas, afs=afs, max_order=3, thresholding=False)
         assert (plain - whole).abs().max() > 1e-3 * scale
+
+
+# --------------------------------------------------------------------------------------------
+# the new solvers: special cases, DEIS weights, schedules
+
+
+def test_solver_registry_and_ddim_alias():
+    assert solvers.SOLVERS["ddim"] is solvers.euler
+    assert {"dpm2", "ipndm", "ipndm_v", "deis", "unipc"} <= set(solvers.SOLVERS)
+
+
+def test_dpm_solver_2_with_r_1_is_heun():
+    """r = 1 puts the intermediate point at t_{i+1}, and the update becomes the trapezoid rule."""
+    den, z = TwoPointMixtureDenoiser(), latents(seed=4)
+    sigmas = schedules.polynomial(7, SIGMA_MIN, SIGMA_MAX)
+    a = solvers.trajectory(solvers.dpm_solver_2, den, z * SIGMA_MAX, sigmas, r=1.0)
+    b = solvers.trajectory(solvers.heun, den, z * SIGMA_MAX, sigmas)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("solver,options", [
+    (solvers.ipndm, {"max_order": 1}), (solvers.ipndm_v, {"max_order": 1}), (solvers.deis, {"max_order": 1})])
+def test_first_order_multistep_is_euler(solver, options):
+    den, z = TwoPointMixtureDenoiser(), latents(seed=8)
+    sigmas = schedules.time_uniform(9, SIGMA_MIN, SIGMA_MAX, 2.0)
+    torch.testing.assert_close(solvers.trajectory(solver, den, z * SIGMA_MAX, sigmas, **options),
+                               solvers.trajectory(solvers.euler, den, z * SIGMA_MAX, sigmas), rtol=1e-13, atol=1e-13)
+
+
+def test_ipndm_v_second_order_and_ipndm_on_equal_steps():
+    """On equal steps iPNDM_v (reference weights, order <= 3) and iPNDM coincide; DEIS tAB with
+    interpolation in sigma itself (exact variable-step AB) does too, for order 4 as well."""
+    den, z = TwoPointMixtureDenoiser(), latents(seed=9)
+    sigmas = torch.linspace(8.0, 0.5, 11, dtype=DTYPE)
+    for order in (2, 3):
+        a = solvers.trajectory(solvers.ipndm_v, den, z * 8, sigmas, max_order=order)
+        b = solvers.trajectory(solvers.ipndm, den, z * 8, sigmas, max_order=order)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    a = solvers.trajectory(solvers.ipndm_v, den, z * 8, sigmas, max_order=4, exact=True)
+    b = solvers.trajectory(solvers.ipndm, den, z * 8, sigmas, max_order=4)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_unipc_final_step_is_the_predictor():
+    """With N - 1 < max_order the reference would correct the final state with an extra call;
+    ours stops at the predictor: for N = 2 and order 1 that is one DDIM step in data mode."""
+    den, z = TwoPointMixtureDenoiser(), latents(seed=10)
+    sigmas = schedules.logsnr(2, SIGMA_MIN, SIGMA_MAX)
+    out = solvers.sample(solvers.unipc, den, z, sigmas, max_order=3, thresholding=False)
+    torch.testing.assert_close(out, solvers.sample(solvers.euler, den, z, sigmas), rtol=1e-12, atol=1e-12)
+
+
+def test_deis_weights_match_scipy_quad():
+    """tAB weights C_ij = int_{s_i}^{s_{i+1}} (dsigma/ds) L_j(s) ds: our 64-point Gauss-Legendre
+    sum against scipy.integrate.quad (adaptive) to 1e-11 relative; the reference's 10,000-point
+    Riemann sum (including both ends) is off by ~1e-4 relative, as its O(1/10,000) error implies."""
+    from scipy.integrate import quad
+
+    sigmas = schedules.time_uniform(7, SIGMA_MIN, SIGMA_MAX, 2.0)
+    beta_d, beta_min = schedules.vp_parameters(0.002, 80.0)
+    s = solvers.vp_time(sigmas.numpy(), beta_d, beta_min)
+    # the VP-time map is the inverse of the time_uniform construction: s_i = (1 + i/(N-1)(eps^(1/2) - 1))^2
+    np.testing.assert_allclose(s, (1 + np.linspace(0, 1, 7) * (1e-3**0.5 - 1)) ** 2, rtol=1e-12)
+    gauss = solvers.multistep_coefficients(sigmas, 4, "vp_time", "gauss")
+    riemann = solvers.multistep_coefficients(sigmas, 4, "vp_time", "riemann")
+    worst_riemann = 0.0
+    for i in range(1, len(sigmas) - 1):
+        p = min(4, i + 1)
+        nodes = [s[i - j] for j in range(p)]
+        for j in range(p):
+            def integrand(v, j=j, nodes=nodes):
+                basis = np.prod([(v - nodes[k]) / (nodes[j] - nodes[k]) for k in range(len(nodes)) if k != j])
+                return solvers.vp_dsigma_ds(v, beta_d, beta_min) * basis
+            ref, _ = quad(integrand, s[i], s[i + 1], epsabs=0, epsrel=1e-13, limit=200)
+            assert math.isclose(gauss[i][j], ref, rel_tol=1e-11), (i, j, gauss[i][j], ref)
+            worst_riemann = max(worst_riemann, abs(riemann[i][j] - ref) / abs(ref))
+    assert 1e-6 < worst_riemann < 1e-3
+    # the weights integrate d exactly when d is constant: they sum to t_{i+1} - t_i
+    for i, w in enumerate(gauss):
+        assert math.isclose(sum(w), float(sigmas[i + 1] - sigmas[i]), rel_tol=1e-12)
+
+
+def test_vp_dsigma_ds_is_the_derivative_of_sigma_vp():
+    beta_d, beta_min = schedules.vp_parameters(0.002, 80.0)
+    s = np.linspace(0.01, 1.0, 9)
+    h = 1e-6
+
+    def sigma_vp(v):
+        return np.sqrt(np.expm1(0.5 * beta_d * v**2 + beta_min * v))
+
+    np.testing.assert_allclose(solvers.vp_dsigma_ds(s, beta_d, beta_min), (sigma_vp(s + h) - sigma_vp(s - h)) / (2 * h),
+                               rtol=1e-7)
+    np.testing.assert_allclose(solvers.vp_time(sigma_vp(s), beta_d, beta_min), s, rtol=1e-12)
+
+
+def test_discrete_vp_tables():
+    """sigma(1) and sigma(1e-3) of the LDM and SD tables are the spec's (section 1.2), sigma^-1
+    inverts sigma, the grid points reproduce the table and sigma = 0.006 maps to timestep -0.97
+    (spec 11.8: extrapolated below the table)."""
+    ldm, sd = schedules.DiscreteVP.ldm(), schedules.DiscreteVP.sd()
+    assert math.isclose(ldm.sigma_range()[1], 83.8, rel_tol=1e-3) and math.isclose(ldm.sigma_range()[0], 0.0388,
+                                                                                    rel_tol=1e-2)
+    assert math.isclose(sd.sigma_range()[1], 14.61, rel_tol=1e-3) and math.isclose(sd.sigma_range()[0], 0.0292,
+                                                                                   rel_tol=1e-2)
+    abar = sd.alphas_cumprod
+    torch.testing.assert_close(sd.sigma(sd.taus), torch.sqrt((1 - abar) / abar), rtol=1e-12, atol=0)
+    taus = torch.tensor([1e-3, 0.0123, 0.5, 0.77777, 1.0], dtype=DTYPE)
+    torch.testing.assert_close(sd.tau(sd.sigma(taus)), taus, rtol=1e-12, atol=1e-15)
+    assert math.isclose(float(ldm.timestep(0.006)), -0.97, abs_tol=0.01)
+    assert math.isclose(float(sd.timestep(sd.sigma(1.0))), 999.0, rel_tol=1e-12)
+    # piecewise linear in log alpha: the midpoint of two grid points is the mean
+    mid = sd.log_alpha((sd.taus[10] + sd.taus[11]) / 2)
+    assert math.isclose(float(mid), float(sd.log_alphas[10] + sd.log_alphas[11]) / 2, rel_tol=1e-13)
+    with pytest.raises(ValueError):
+        schedules.DiscreteVP([0.9, 0.95])  # not decreasing
+
+
+def test_discrete_schedule():
+    vp = schedules.DiscreteVP.sd()
+    lo, hi = vp.sigma_range()
+    sig = schedules.get_schedule("discrete", 10, lo, hi, vp=vp)  # rho defaults to 1 here
+    assert sig.dtype == torch.float64 and sig.shape == (10,)
+    assert math.isclose(float(sig[0]), hi, rel_tol=1e-12) and math.isclose(float(sig[-1]), lo, rel_tol=1e-12)
+    # uniform in tau: the discrete timesteps M tau - 1 are linspace(999, 0, N) (integers for N = 10)
+    torch.testing.assert_close(vp.timestep(sig), torch.linspace(999, 0, 10, dtype=DTYPE), rtol=0, atol=1e-9)
+    torch.testing.assert_close(schedules.get_schedule("discrete", 10, lo, hi, 1.0, vp=vp), sig)
+    with pytest.raises(ValueError, match="rho = 1 only"):
+        schedules.get_schedule("discrete", 10, lo, hi, 7.0, vp=vp)
+    with pytest.raises(ValueError, match="noise table"):
+        schedules.get_schedule("discrete", 10, lo, hi)
+
+
+def test_custom_schedule():
+    sig = schedules.get_schedule("custom", sigmas=[80.0, 10.0, 1.0, 0.002])
+    assert sig.dtype == torch.float64 and sig.tolist() == [80.0, 10.0, 1.0, 0.002]
+    assert torch.equal(schedules.get_schedule("custom", 4, 0.002, 80.0, sigmas=sig), sig)
+    for bad in ([80.0], [1.0, 2.0], [80.0, 0.0], [80.0, float("nan")]):
+        with pytest.raises(ValueError):
+            schedules.get_schedule("custom", sigmas=bad)
+    with pytest.raises(ValueError, match="does not match"):
+        schedules.get_schedule("custom", 5, sigmas=sig)
+    with pytest.raises(ValueError):
+        schedules.get_schedule("polynomial", 4, 0.002, 80.0, sigmas=sig)

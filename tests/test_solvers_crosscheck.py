@@ -39,6 +39,27 @@ coincide for every K < 15 except (max_order = 3, K = 2), and for K >= 15 only fo
 or max_order = 2 with ``euler_at_final=True``; ``test_dpmpp_order_rule_differs`` documents the
 cases where they legitimately differ.
 
+The schedulers added for issue 3 (drivers below; each test says what coincides and what not):
+
+* ``DDIMScheduler`` (eta = 0) keeps the VP sample x_vp = sqrt(abar) x_ve; its update
+  sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps, divided by sqrt(abar_prev), is
+  x_ve + (sigma_prev - sigma) eps: exactly our Euler step on sigma = sqrt((1 - abar)/abar) of its
+  timesteps. "leading" spacing with steps_offset = 1 (Stable Diffusion's setting) so that its
+  prev_timestep = t - 1000 // K is the next listed timestep, and set_alpha_to_one=False so the
+  last sigma is sigma(abar_0) > 0. Its alphas_cumprod table is upcast to float64 (exact).
+* ``KDPM2DiscreteScheduler`` is DPM-Solver-2 with r = 1/2: sigma_interpol is the geometric mean
+  of consecutive sigmas (the log-sigma midpoint), and the two half steps are our predictor and
+  x_{i+1} = x_i + (t_{i+1} - t_i) d_mid. It coincides; its sigmas_interpol stays float32
+  (computed inside set_timesteps), which limits agreement to ~1e-7.
+* ``UniPCMultistepScheduler`` (VP sample like DPM-Solver) corrects x_k inside the step call at
+  index k with the model value at the predicted x_k, then predicts x_{k+1}; the corrected state is
+  ``last_sample``. Its order rule min(max_order, k + 1, K - k) coincides with ours except during
+  the warm-up at the very end (K = 2, order 3); it never corrects the final state, as ours.
+* ``DEISMultistepScheduler`` implements only "logrho" DEIS: eps interpolated by a Lagrange
+  polynomial in ln(sigma) and integrated exactly in sigma. The reference's (and our default) tAB
+  interpolates in the VP time s instead, so from order 2 on the two differ; our
+  ``multistep_coefficients(..., "log_sigma")`` is diffusers' method and is compared at 1e-5.
+
 Precision: diffusers stores ``scheduler.sigmas`` as float32 and computes dt, alpha_t, lambda and
 h from them in float32. After ``set_timesteps`` we upcast that tensor to float64 (an exact
 conversion: the sigma values, which our solver also gets, do not change), so diffusers'
@@ -51,14 +72,21 @@ tolerance is 1e-5 relative to the largest entry of the reference state (``rel_di
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler  # noqa: E402
+from diffusers.schedulers.scheduling_deis_multistep import DEISMultistepScheduler  # noqa: E402
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler  # noqa: E402
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler  # noqa: E402
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteScheduler  # noqa: E402
+from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteScheduler  # noqa: E402
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler  # noqa: E402
 
 from sfdbench.diffusion import schedules, solvers  # noqa: E402
 from sfdbench.diffusion.denoiser import batch_sigma  # noqa: E402
@@ -66,6 +94,8 @@ from sfdbench.diffusion.denoiser import batch_sigma  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning"),
+    # diffusers' DEIS applies np.log to torch tensors
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
 ]
 
 DTYPE = torch.float64
@@ -314,3 +344,199 @@ def test_dpmpp_order_rule_differs(max_order, num_steps):
     first = next(i for i in range(n - 1) if ours_orders[i] != theirs_orders[i])
     assert max_rel_diff(mine[: first + 1], theirs[: first + 1]) <= RTOL
     assert rel_diff(mine[-1], theirs[-1]) > 100 * RTOL
+
+
+# --------------------------------------------------------------------------------------------
+# issue 3: DDIM, KDPM2 (DPM-Solver-2), UniPC, DEIS, and the discrete VP tables
+
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def diffusers_ddim(denoiser, latents, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, DDIMScheduler]:
+    """K = num_steps DDIM steps (eta = 0) over K + 1 distinct sigmas; VE states."""
+    sched = DDIMScheduler(prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1,
+                          timestep_spacing="leading", clip_sample=False, **SD_BETAS)
+    sched.set_timesteps(num_steps)
+    sched.alphas_cumprod = sched.alphas_cumprod.to(DTYPE)  # exact upcast, float64 step arithmetic
+    sched.final_alpha_cumprod = sched.final_alpha_cumprod.to(DTYPE)
+    abar = torch.stack([*(sched.alphas_cumprod[t] for t in sched.timesteps), sched.final_alpha_cumprod])
+    sigmas = torch.sqrt((1 - abar) / abar)
+    x_ve = latents * sigmas[0]
+    states = [x_ve]
+    for k, t in enumerate(sched.timesteps):
+        x_vp = sched.step(eps_model(denoiser, x_ve, sigmas[k]), t, x_ve * abar[k].sqrt(), eta=0.0).prev_sample
+        x_ve = x_vp / abar[k + 1].sqrt()
+        states.append(x_ve)
+    return sigmas, torch.stack(states), sched
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 10, 50])
+def test_ddim_matches_diffusers_ddim(num_steps):
+    den, z = make_denoiser(), make_latents(6)
+    sigmas, theirs, sched = diffusers_ddim(den, z, num_steps)
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    for name in ("euler", "ddim"):
+        mine = ours(solvers.SOLVERS[name], den, z, sigmas, afs=False)
+        assert max_rel_diff(mine, theirs) <= RTOL
+    # its sigmas are our DiscreteVP of its own table at tau = (t + 1) / 1000
+    vp = schedules.DiscreteVP(sched.alphas_cumprod)
+    torch.testing.assert_close(vp.sigma((sched.timesteps.to(DTYPE) + 1) / 1000), sigmas[:-1], rtol=1e-13, atol=0)
+
+
+def diffusers_kdpm2(denoiser, latents, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n distinct (Karras) sigmas; the states after each full DPM-Solver-2 step (without
+    diffusers' final half step towards sigma = 0)."""
+    sched = KDPM2DiscreteScheduler(prediction_type="epsilon", use_karras_sigmas=True)
+    sched.set_timesteps(n)
+    sched.set_begin_index(0)
+    sigmas = float64_sigmas(sched)[0::2][:n]  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0, 0]
+    x = latents * sigmas[0]
+    states = [x]
+    for k, t in enumerate(sched.timesteps[: 2 * (n - 1)]):
+        sched.scale_model_input(x, t)  # initialises the step index; D sees the unscaled sample
+        first = sched.state_in_first_order
+        sigma = (sched.sigmas[sched.step_index] if first else sched.sigmas_interpol[sched.step_index]).to(DTYPE)
+        if not first:  # the evaluation point is the log-sigma midpoint, as in ours
+            assert math.isclose(float(sigma), math.sqrt(float(sigmas[k // 2] * sigmas[k // 2 + 1])), rel_tol=1e-6)
+        x = sched.step(eps_model(denoiser, x, sigma), t, x).prev_sample
+        if k % 2 == 1:
+            states.append(x)
+    return sigmas, torch.stack(states)
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 11])
+def test_dpm_solver_2_matches_diffusers_kdpm2(n):
+    den, z = make_denoiser(), make_latents(7)
+    sigmas, theirs = diffusers_kdpm2(den, z, n)
+    mine = ours(solvers.dpm_solver_2, den, z, sigmas, afs=False)
+    assert mine.shape == theirs.shape == (n, *SHAPE)
+    assert max_rel_diff(mine, theirs) <= RTOL
+
+
+def diffusers_unipc(denoiser, latents, num_steps: int, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_steps steps over num_steps + 1 distinct sigmas; VE states: the corrected x_k (the
+    scheduler's ``last_sample`` after the step call at k) and the uncorrected final state."""
+    config = {"prediction_type": "epsilon", "final_sigmas_type": "sigma_min", "thresholding": False, **config}
+    sched = UniPCMultistepScheduler(**config)
+    sched.set_timesteps(num_steps)
+    sched.set_begin_index(0)
+    sigmas = float64_sigmas(sched)
+    assert len(sigmas) == num_steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all())
+    vp_scale = torch.sqrt(1 + sigmas**2)
+    x_vp = latents * sigmas[0] / vp_scale[0]
+    states = [latents * sigmas[0]]
+    for k, t in enumerate(sched.timesteps):
+        x_ve = x_vp * vp_scale[k]  # the predicted state: where the model is evaluated
+        x_vp = sched.step(eps_model(denoiser, x_ve, sigmas[k]), t, x_vp).prev_sample
+        if k >= 1:
+            states.append(sched.last_sample * vp_scale[k])
+    states.append(x_vp * vp_scale[-1])
+    return sigmas, torch.stack(states)
+
+
+# (max_order, K steps, diffusers config): every case where the order rules coincide
+UNIPC_CASES = [
+    (1, 1, {}), (1, 5, {}), (2, 2, {}), (2, 6, {}), (3, 1, {}), (3, 3, {}), (3, 8, {}), (3, 20, {}),
+    (2, 7, {"solver_type": "bh1"}), (3, 8, {"solver_type": "bh1"}),
+    (2, 6, {"predict_x0": False}), (3, 8, {"predict_x0": False}),
+    (3, 8, {"lower_order_final": False}),
+]
+
+
+@pytest.mark.parametrize("max_order,num_steps,extra", UNIPC_CASES)
+def test_unipc_matches_diffusers_unipc(max_order, num_steps, extra):
+    den, z = make_denoiser(), make_latents(8)
+    sigmas, theirs = diffusers_unipc(den, z, num_steps, solver_order=max_order, **extra)
+    mine = ours(solvers.unipc, den, z, sigmas, afs=False, max_order=max_order, thresholding=False,
+                variant=extra.get("solver_type", "bh2"), predict_x0=extra.get("predict_x0", True),
+                lower_order_final=extra.get("lower_order_final", True))
+    assert mine.shape == theirs.shape == (num_steps + 1, *SHAPE)
+    assert max_rel_diff(mine, theirs) <= RTOL
+
+
+def test_unipc_dynamic_thresholding_matches_diffusers():
+    den, z = make_denoiser(scale=2.5), make_latents(9)
+    sigmas, theirs = diffusers_unipc(den, z, 8, solver_order=3, thresholding=True, dynamic_thresholding_ratio=0.995,
+                                     sample_max_value=1e6)
+    mine = ours(solvers.unipc, den, z, sigmas, max_order=3, thresholding=True)
+    assert max_rel_diff(mine, theirs) <= RTOL
+    plain = ours(solvers.unipc, den, z, sigmas, max_order=3, thresholding=False)
+    assert rel_diff(plain[-1], mine[-1]) > 1e-2
+
+
+def test_unipc_order_rule_differs_at_two_steps_order_three():
+    """K = 2, max_order = 3: our (the reference's) rule is still in warm-up at the last step
+    (order 2); diffusers' min(max_order, k + 1, K - k) gives order 1. The first state agrees,
+    the final one does not."""
+    den, z = make_denoiser(), make_latents(10)
+    sigmas, theirs = diffusers_unipc(den, z, 2, solver_order=3)
+    mine = ours(solvers.unipc, den, z, sigmas, max_order=3, thresholding=False)
+    assert [solvers.unipc_order(i, 3, 3, True) for i in range(2)] == [1, 2]
+    assert max_rel_diff(mine[:2], theirs[:2]) <= RTOL
+    assert rel_diff(mine[-1], theirs[-1]) > 100 * RTOL
+
+
+def diffusers_deis(denoiser, latents, num_steps: int, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    config = {"prediction_type": "epsilon", "lower_order_final": False, **config}
+    sched = DEISMultistepScheduler(**config)
+    sched.set_timesteps(num_steps)
+    sched.set_begin_index(0)
+    sigmas = float64_sigmas(sched)
+    assert len(sigmas) == num_steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all())
+    vp_scale = torch.sqrt(1 + sigmas**2)
+    x_vp = latents * sigmas[0] / vp_scale[0]
+    states = [latents * sigmas[0]]
+    for k, t in enumerate(sched.timesteps):
+        x_vp = sched.step(eps_model(denoiser, x_vp * vp_scale[k], sigmas[k]), t, x_vp).prev_sample
+        states.append(x_vp * vp_scale[k + 1])
+    return sigmas, torch.stack(states)
+
+
+@pytest.mark.parametrize("max_order,num_steps", [(1, 5), (2, 3), (2, 8), (3, 4), (3, 10), (3, 20)])
+def test_deis_logrho_matches_diffusers_and_tab_differs(max_order, num_steps):
+    """diffusers' DEIS ("logrho", lower_order_final off: the reference's order rule
+    min(max_order, i + 1)) equals our multistep weights with interpolation in ln(sigma) at every
+    order. The reference's tAB (interpolation in VP time) equals it at order 1 (both DDIM) and on
+    the first step of every order, and differs from the second step on for orders 2 and 3."""
+    den, z = make_denoiser(), make_latents(11)
+    sigmas, theirs = diffusers_deis(den, z, num_steps, solver_order=max_order)
+    logrho = ours(solvers.deis, den, z, sigmas, max_order=max_order, interpolation="log_sigma")
+    assert max_rel_diff(logrho, theirs) <= RTOL
+    tab = ours(solvers.deis, den, z, sigmas, max_order=max_order)
+    assert max_rel_diff(tab[:2], theirs[:2]) <= RTOL
+    if max_order == 1:
+        assert max_rel_diff(tab, theirs) <= RTOL
+    else:
+        assert rel_diff(tab[-1], theirs[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("name,betas", [("sd", (0.00085, 0.012)), ("ldm", (0.0015, 0.0195))])
+def test_discrete_vp_table_matches_diffusers_scaled_linear(name, betas):
+    """LDM's "linear" betas are diffusers' "scaled_linear" (square-root spacing); diffusers builds
+    the table in float32 (a cumulative product of 1000 factors), hence 1e-5."""
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=betas[0], beta_end=betas[1])
+    vp = getattr(schedules.DiscreteVP, name)()
+    torch.testing.assert_close(vp.alphas_cumprod, sched.alphas_cumprod.to(DTYPE), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n", [4, 10, 7])
+def test_discrete_schedule_vs_diffusers_linspace_timesteps(n):
+    """Our rho = 1 discrete schedule is uniform in tau, i.e. its fractional timesteps M tau - 1 are
+    diffusers' "linspace" timesteps linspace(999, 0, N) exactly. The sigmas there: diffusers
+    interpolates sigma linearly in t, the reference log alpha; identical at integer timesteps
+    (999 / (N - 1) integral: N = 4, 10), ~3e-6 apart at fractional ones (N = 7: 832.5, ...), which is
+    below the 1.3e-5 of diffusers' float32 table (1 - abar_0 = 8.5e-4 loses digits), so that
+    difference is measured on a float64 emulation of diffusers' interpolation."""
+    sched = EulerDiscreteScheduler(timestep_spacing="linspace", **SD_BETAS)
+    sched.set_timesteps(n)
+    vp = schedules.DiscreteVP.sd()
+    mine = schedules.get_schedule("discrete", n, *vp.sigma_range(), vp=vp)
+    torch.testing.assert_close(vp.timestep(mine), sched.timesteps.to(DTYPE), rtol=0, atol=1e-9)
+    torch.testing.assert_close(mine, sched.sigmas[:-1].to(DTYPE), rtol=5e-5, atol=0)  # diffusers appends 0
+    table = torch.sqrt((1 - vp.alphas_cumprod) / vp.alphas_cumprod)
+    sigma_linear = torch.from_numpy(np.interp(sched.timesteps.double().numpy(), np.arange(1000), table.numpy()))
+    diff = ((mine - sigma_linear).abs() / mine).max().item()
+    if 999 % (n - 1) == 0:
+        assert diff <= 1e-13
+    else:
+        assert 1e-7 < diff < 1e-5

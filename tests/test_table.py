@@ -28,8 +28,10 @@ def test_formats():
     s = summarize(records())
     md = render(s, "markdown")
     assert "12.00 ± 2.00" in md and "5.00 ± 1.00" in md
+    assert md.index("**Solver-based**") < md.index("| DDIM") < md.index("**Distillation**") < md.index("| SFD")
     tex = render(s, "latex")
     assert "12.00 $\\pm$ 2.00" in tex and "Fancy\\_CPU 50\\%" in tex and tex.count("\\\\") >= 3
+    assert "\\textit{Solver-based}" in tex and "\\textit{Distillation}" in tex
     csv = render(s, "csv")
     assert pd.read_csv(__import__("io").StringIO(csv))["fid_mean"].tolist() == [12.0, 5.0]
     with pytest.raises(BadInput):

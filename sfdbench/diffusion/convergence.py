@@ -16,25 +16,38 @@ Why per-solver step ranges: at 4-64 steps most solvers are pre-asymptotic here (
 80 -> 0.002, and the warm-up / lower-order final steps of multistep methods contribute errors
 of a lower order with small constants), so a 4-64 fit mixes regimes; the table shows it next to
 the fit over a range where the local slope has settled (errors far above the 1e-13 accuracy of
-the reference). The theoretical orders and the reasons behind the non-obvious ones:
+the reference). The ranges were chosen from the local slopes so that every asserted fit (except
+exact iPNDM_v's, below) holds within 0.3 for latent seeds 1-5, not just for the default one
+(seed 1, which has the hardest sample: one that changes component late, making Euler
+pre-asymptotic up to ~100 steps). The theoretical orders and the reasons behind the non-obvious
+ones:
 
+* All multistep methods start with one Euler (first-order) step and some end with lower-order
+  steps, so strictly asymptotically they are all at most second order; those steps' error
+  constants are tiny here (the flow is nearly straight at sigma_max, and the data-prediction
+  model value barely moves near sigma_min), so the design order shows over wide step ranges.
+  Where the low-order steps do surface inside a practical range, the case says so.
 * DPM-Solver++(3M): 2, not 3 -- the reference's 3rd-order multistep update has a D2 coefficient
   half the Taylor-consistent one (tests/test_solvers_closed_form.py).
-* iPNDM: 2. Fixed equal-step Adams-Bashforth weights on a smooth unequal grid t = phi(u): the
-  local error is k^2 phi'' f sum_j c_j (j + 1/2) + O(k^3) and sum_j c_j (j + 1/2) = 0 for every AB
-  order, so the O(h^2) local term cancels and the method is globally second order (not first),
-  but not higher; the one Euler warm-up step is O(h^2) as well.
-* iPNDM_v with the reference's weights: order 4 gives 2 on the polynomial grid (its weights do
-  not sum to 1 on unequal steps, off by O(h^2)) and 3 on the geometric logsnr grid (they sum to 1
-  there, but the 3rd-difference weight is 11/24 instead of 9/24); see
-  ``solvers.ipndm_v_coefficients``. The exact variable-step weights (``exact=True``) give 4.
+* iPNDM: 2, not 4. Fixed equal-step Adams-Bashforth weights on a smooth unequal grid
+  t = phi(u): the local error is k^2 phi'' f sum_j c_j (j + 1/2) + O(k^3) and
+  sum_j c_j (j + 1/2) = 0 for every AB order, so the O(h^2) local term cancels and the method is
+  globally second order -- not first (that needs step ratios that do not tend to 1, see the
+  local-error tests), and not higher.
+* iPNDM_v with the reference's weights, order 4: 2 on the polynomial grid (the weights do not
+  sum to 1 on unequal steps, off by O(h^2) on a smooth grid) and 3 on the geometric logsnr grid
+  (they sum to 1 there, but the 3rd-difference weight is 11/24 instead of 9/24); see
+  ``solvers.ipndm_v_coefficients``. Order 3 is fine (3).
+* iPNDM_v with exact weights (``exact=True``), order 4: 4, in a window only -- below ~100 steps
+  it is pre-asymptotic and beyond ~700 the Euler warm-up step shows; over 96-768 steps the fit is
+  3.6-4.0 depending on the samples (latent seeds 1-7; 4.0 on the default one). The update's own
+  order (local error O(h^5)) is tested directly in tests/test_convergence.py.
+* DEIS-tAB3: 3 over 32-256 steps; on the time_uniform rho = 2 schedule its Euler warm-up step
+  surfaces beyond ~500 steps (local slope 2.3-2.6 at 1024 -> 2048 for most seeds).
 * UniPC-p: p + 1 (the corrector UniC raises the order by one). The preset (3M, bh2, lower-order
-  final) is not asserted: its last step is a first-order predictor without corrector (local
-  O(h^2), tiny constant near sigma_min in data prediction) and its first step is second order,
-  so over any practical range it fits between 3 and 4 without settling.
-* DEIS-tAB3: 3 over 32-256 steps. Its single Euler warm-up step (O(h^2) local error, small
-  constant at sigma_max) takes over at much larger N (local slope 2.8 at 512 -> 1024 steps on
-  the time_uniform rho = 2 schedule).
+  final) is reported, not asserted: its last step is a first-order predictor without corrector
+  and its first a second-order one; it fits 3.7-4.3 over 64-1024 steps depending on the samples
+  and falls towards 3 beyond ~1000 steps. Without lower-order final steps it gives 4.
 
 Run ``python -m sfdbench.diffusion.convergence`` for the table (about ten seconds).
 """
@@ -71,9 +84,13 @@ class GaussianMixture:
 
     @classmethod
     def default(cls, dim: int = 4, seed: int = 0) -> GaussianMixture:
-        """Three components with unit-scale random means and variances 0.05 / 0.2 / 0.1."""
+        """Three components with unit-scale random means and variances 0.2 / 0.5 / 0.3.
+
+        (With variances 0.05 / 0.2 / 0.1 the flow near sigma_min is stiffer -- responsibilities
+        switch late and sharply for samples between components -- and even Euler needs ~500
+        steps before its local slope reaches 0.9; the orders are the same, only later.)"""
         means = torch.randn(3, dim, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
-        return cls(means, torch.tensor([0.05, 0.2, 0.1]), torch.tensor([0.5, 0.3, 0.2]))
+        return cls(means, torch.tensor([0.2, 0.5, 0.3], dtype=DTYPE), torch.tensor([0.5, 0.3, 0.2], dtype=DTYPE))
 
     @property
     def dim(self) -> int:
@@ -138,40 +155,40 @@ class Case:
 
 NO_THR = {"thresholding": False}  # the mixture's x0 estimates leave [-1, 1]; thresholding is not part of the ODE
 CASES: tuple[Case, ...] = (
-    Case("Euler / DDIM", "euler", {}, "polynomial", 7, 1, (8, 64)),
+    Case("Euler / DDIM", "euler", {}, "polynomial", 7, 1, (128, 1024)),
     Case("Heun", "heun", {}, "polynomial", 7, 2, (16, 128)),
     Case("DPM-Solver-2", "dpm2", {}, "polynomial", 7, 2, (16, 128)),
-    Case("DPM-Solver++(1M)", "dpmpp", {"max_order": 1, **NO_THR}, "logsnr", 1, 1, (8, 64)),
-    Case("DPM-Solver++(2M)", "dpmpp", {"max_order": 2, **NO_THR}, "logsnr", 1, 2, (64, 512),
-         "pre-asymptotic below ~64 steps (local slope 1.6 at 32 -> 48)"),
-    Case("DPM-Solver++(3M)", "dpmpp", {"max_order": 3, **NO_THR}, "logsnr", 1, 2, (64, 512),
+    Case("DPM-Solver++(1M)", "dpmpp", {"max_order": 1, **NO_THR}, "logsnr", 1, 1, (128, 1024)),
+    Case("DPM-Solver++(2M)", "dpmpp", {"max_order": 2, **NO_THR}, "logsnr", 1, 2, (128, 1024)),
+    Case("DPM-Solver++(3M)", "dpmpp", {"max_order": 3, **NO_THR}, "logsnr", 1, 2, (256, 2048),
          "reference D2 coefficient: 2, not 3"),
-    Case("iPNDM (4)", "ipndm", {"max_order": 4}, "polynomial", 7, 2, (64, 512),
-         "fixed AB weights on unequal steps: 2"),
-    Case("iPNDM (4)", "ipndm", {"max_order": 4}, "logsnr", 1, 2, (64, 512), "fixed AB weights on unequal steps: 2"),
+    Case("iPNDM (4)", "ipndm", {"max_order": 4}, "polynomial", 7, 2, (128, 1024),
+         "fixed AB weights on unequal steps: 2, not 4"),
+    Case("iPNDM (4)", "ipndm", {"max_order": 4}, "logsnr", 1, 2, (128, 1024),
+         "fixed AB weights on unequal steps: 2, not 4"),
     Case("iPNDM_v (4)", "ipndm_v", {"max_order": 4}, "polynomial", 7, 2, (256, 2048),
-         "reference weights: sum != 1 on unequal steps"),
+         "reference weights do not sum to 1 on unequal steps"),
     Case("iPNDM_v (4)", "ipndm_v", {"max_order": 4}, "logsnr", 1, 3, (256, 2048),
-         "reference weights: 11/24 vs 9/24 on 3rd difference"),
-    Case("iPNDM_v (3)", "ipndm_v", {"max_order": 3}, "polynomial", 7, 3, (64, 512)),
-    Case("iPNDM_v (4, exact)", "ipndm_v", {"max_order": 4, "exact": True}, "polynomial", 7, 4, (64, 512),
-         "exact variable-step AB weights"),
+         "reference weights: 11/24 instead of 9/24 on the 3rd difference"),
+    Case("iPNDM_v (3)", "ipndm_v", {"max_order": 3}, "polynomial", 7, 3, (128, 1024)),
+    Case("iPNDM_v (4, exact)", "ipndm_v", {"max_order": 4, "exact": True}, "polynomial", 7, 4, (96, 768),
+         "exact variable-step weights; narrow window (see module docstring)"),
     Case("DEIS-tAB3", "deis", {"max_order": 3}, "time_uniform", 2, 3, (32, 256),
-         "Euler warm-up step (O(h^2)) takes over beyond ~500 steps"),
+         "Euler warm-up (O(h^2)) takes over beyond ~500 steps"),
     Case("DEIS-tAB3", "deis", {"max_order": 3}, "polynomial", 7, 3, (128, 1024)),
     Case("DEIS-tAB2", "deis", {"max_order": 2}, "time_uniform", 2, 2, (32, 256)),
     Case("UniPC(3M, bh2) preset", "unipc", {"max_order": 3, **NO_THR}, "logsnr", 1, None, (64, 1024),
-         "lower-order final steps: between 3 and 4, not asserted"),
+         "lower-order final steps: ~4 here, 3 and below past ~1000 steps; not asserted"),
     Case("UniPC(3M, bh2), no LOF", "unipc", {"max_order": 3, "lower_order_final": False, **NO_THR}, "logsnr", 1, 4,
          (256, 2048), "UniC raises p = 3 to 4"),
-    Case("UniPC(2M, bh2)", "unipc", {"max_order": 2, **NO_THR}, "logsnr", 1, 3, (64, 512)),
-    Case("UniPC(2M, bh1)", "unipc", {"max_order": 2, "variant": "bh1", **NO_THR}, "logsnr", 1, 3, (64, 512)),
-    Case("UniPC(2M, bh2, eps)", "unipc", {"max_order": 2, "predict_x0": False}, "logsnr", 1, 3, (64, 512)),
-    Case("UniPC(1, bh2)", "unipc", {"max_order": 1, **NO_THR}, "logsnr", 1, 2, (32, 256), "UniC raises Euler to 2"),
+    Case("UniPC(2M, bh2)", "unipc", {"max_order": 2, **NO_THR}, "logsnr", 1, 3, (256, 2048)),
+    Case("UniPC(2M, bh1)", "unipc", {"max_order": 2, "variant": "bh1", **NO_THR}, "logsnr", 1, 3, (128, 1024)),
+    Case("UniPC(2M, bh2, eps)", "unipc", {"max_order": 2, "predict_x0": False}, "logsnr", 1, 3, (128, 1024)),
+    Case("UniPC(1, bh2)", "unipc", {"max_order": 1, **NO_THR}, "logsnr", 1, 2, (64, 512), "UniC raises Euler to 2"),
 )
 
 
-def step_counts(lo: int, hi: int, points: int = 7) -> list[int]:
+def step_counts(lo: int, hi: int, points: int = 5) -> list[int]:
     """``points`` geometrically spaced step counts from lo to hi (rounded, distinct)."""
     return sorted({int(round(v)) for v in np.geomspace(lo, hi, points)})
 
@@ -186,7 +203,7 @@ class TestBed:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, mixture: GaussianMixture | None = None, samples: int = 6, seed: int = 1):
+    def __init__(self, mixture: GaussianMixture | None = None, samples: int = 8, seed: int = 1):
         self.mixture = mixture or GaussianMixture.default()
         self.latents = torch.randn(samples, self.mixture.dim, generator=torch.Generator().manual_seed(seed),
                                    dtype=DTYPE)

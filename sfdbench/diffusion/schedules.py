@@ -1,7 +1,10 @@
 """Noise-level schedules: N decreasing sigmas from sigma_max to sigma_min.
 
-All formulas follow ``shared/docs/sfd-spec.md`` section 2 (the reference's ``get_schedule``).
-Schedules are computed in float64 and returned as float64 tensors; the solvers cast.
+All formulas follow ``shared/docs/sfd-spec.md`` section 2 (the reference's ``get_schedule``):
+``polynomial`` (EDM), ``logsnr``, ``time_uniform`` (VP time), ``discrete`` (LDM / Stable
+Diffusion, from the model's 1000-step table via ``DiscreteVP``; rho = 1 only) and ``custom``
+(an explicit sigma list). Schedules are computed in float64 and returned as float64 tensors
+(the reference uses float32); the solvers cast.
 """
 
 from __future__ import annotations

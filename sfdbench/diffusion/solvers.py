@@ -8,6 +8,11 @@ Each solver is a generator ``solver(denoiser, x, sigmas, *, afs, cond, ...)`` th
 runs one to the end, ``trajectory`` keeps every state. Formulas follow
 ``shared/docs/sfd-spec.md`` section 3; the NFE of each solver is counted by
 ``CountingDenoiser`` in the tests, not trusted from here.
+
+Solvers (``SOLVERS``): euler / ddim, heun, dpm2 (``dpm_solver_2``), dpmpp (``dpmpp_multistep``),
+ipndm, ipndm_v, deis, unipc. All take ``afs``. NFE per sample with N timestamps: N - 1, or
+2(N - 1) for heun and dpm2; AFS saves exactly one. Their measured convergence orders, and why some
+differ from the names' promise, are in ``sfdbench.diffusion.convergence``.
 """
 
 from __future__ import annotations
@@ -190,8 +195,10 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: boo
     of order p = min(max_order, i + 1) (warm start; no lower-order final steps):
     p=1 (1), p=2 (3, -1)/2, p=3 (23, -16, 5)/12, p=4 (55, -59, 37, -9)/24. 1 NFE per step.
 
-    On a schedule with unequal steps the fixed coefficients are not the variable-step ones; the
-    measured global order is discussed in ``sfdbench.diffusion.convergence``."""
+    On unequal steps the fixed coefficients are not the variable-step ones: on a smooth schedule
+    (step ratios -> 1 as N grows, e.g. polynomial or logsnr) the method is globally second order,
+    with step ratios fixed away from 1 only first order (``sfdbench.diffusion.convergence``,
+    tests/test_convergence.py)."""
     if not 1 <= max_order <= 4:
         raise ValueError(f"iPNDM supports orders 1-4, got {max_order}")
     history: list[torch.Tensor] = []  # newest first
@@ -215,13 +222,16 @@ def ipndm_v_coefficients(h: list[float], order: int) -> tuple[float, ...]:
     step sizes ``h = [h_n, h_{n-1}, h_{n-2}, h_{n-3}]`` (newest first; sigma differences):
     x_{i+1} = x_i + h_n sum_k c_k d_{i-k+1}.
 
-    Written as the reference evaluates them (its operator precedence included). Orders 1-3 are
-    the exact variable-step Adams-Bashforth weights up to O(h) perturbations of the weight of the
-    second difference (order kept). The order-4 weights are not: on equal steps they give
-    (57, -65, 43, -11)/24 instead of (55, -59, 37, -9)/24 (third order), and on unequal steps
-    c_1 + c_2 + c_3 + c_4 = 1 + T_2 Q (h_{n-2}/h_{n-3} - h_{n-1}/h_{n-2}) != 1 (spec c_4 has
-    h_{n-1}/h_{n-2} where consistency needs h_{n-2}/h_{n-3}). ``exact=True`` in ``ipndm_v`` uses
-    the exact weights instead (``multistep_coefficients(..., variable="sigma")``)."""
+    Written as the reference evaluates them (its operator precedence included). Order 2 is the
+    exact variable-step Adams-Bashforth rule. Order 3: T_1 = (1 - h_n^2 / (3 h_{n-1} (h_{n-1} +
+    h_{n-2}))) / 2, while the exact weight is (1 - h_n / (3 (h_n + h_{n-1}))) h_n (h_n + h_{n-1}) /
+    (2 h_{n-1} (h_{n-1} + h_{n-2})); they agree on equal steps and differ by O(h) on smooth grids
+    (third order kept), by O(1) when step ratios stay away from 1 (then second order). Order 4:
+    on equal steps (57, -65, 43, -11)/24 instead of (55, -59, 37, -9)/24 (third order), and on
+    unequal steps c_1 + c_2 + c_3 + c_4 = 1 + T_2 Q (h_{n-2}/h_{n-3} - h_{n-1}/h_{n-2}) != 1
+    (c_4 has h_{n-1}/h_{n-2} where consistency needs h_{n-2}/h_{n-3}): second order on smooth grids,
+    inconsistent on irregular ones. ``exact=True`` in ``ipndm_v`` uses the exact weights instead
+    (``multistep_coefficients(..., variable="sigma")``)."""
     if order == 1:
         return (1.0,)
     hn, h1 = h[0], h[1]

@@ -55,7 +55,9 @@ class SolverMethod(Method):
 
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
-        sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"])
+        # the LDM/SD "discrete" schedule needs the model's noise table (a suite's ``discrete_vp``)
+        extra = {"vp": getattr(ctx.suite, "discrete_vp", None)} if hp["schedule"] == "discrete" else {}
+        sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"], **extra)
         solver = solvers.SOLVERS[self.solver]
         options = {k: hp[k] for k in self.options}
 
@@ -79,3 +81,24 @@ register_method(SolverMethod(
     name="dpmpp3m", display="DPM-Solver++(3M)", solver="dpmpp", schedule="logsnr", rho=1.0,
     options={"max_order": 3, "predict_x0": True, "lower_order_final": True, "thresholding": True},
     description="multistep DPM-Solver++ order 3, data prediction; logSNR-uniform schedule"))
+register_method(SolverMethod(
+    name="dpm2", display="DPM-Solver-2", solver="dpm2", schedule="polynomial", rho=7.0, evals_per_step=2,
+    options={"r": 0.5},
+    description="single-step DPM-Solver-2 (log-sigma midpoint); polynomial schedule rho=7"))
+register_method(SolverMethod(
+    name="ipndm", display="iPNDM", solver="ipndm", schedule="polynomial", rho=7.0,
+    options={"max_order": 4},
+    description="iPNDM, fixed Adams-Bashforth weights, order 4; polynomial schedule rho=7"))
+register_method(SolverMethod(
+    name="ipndm_v", display="iPNDM_v", solver="ipndm_v", schedule="polynomial", rho=7.0,
+    options={"max_order": 4, "exact": False},
+    description="variable-step iPNDM, order 4, the reference's weights; polynomial schedule rho=7"))
+register_method(SolverMethod(
+    name="deis", display="DEIS-tAB3", solver="deis", schedule="time_uniform", rho=2.0,
+    options={"max_order": 3, "interpolation": "vp_time", "quadrature": "gauss"},
+    description="DEIS tAB order 3 (the README table's label; its launch file passes max_order 4); "
+                "time-uniform schedule rho=2"))
+register_method(SolverMethod(
+    name="unipc", display="UniPC(3M, bh2)", solver="unipc", schedule="logsnr", rho=1.0,
+    options={"max_order": 3, "variant": "bh2", "predict_x0": True, "lower_order_final": True, "thresholding": True},
+    description="multistep UniPC order 3, bh2, data prediction, corrector-free final step; logSNR-uniform schedule"))

@@ -70,7 +70,8 @@ def bootstrap_fid(features, reference_stats, n_boot: int = 200, seed: int = 0, l
     if method == "percentile":
         low, high = q_lo, q_hi
     else:
-        point = fid_from_statistics(fid_statistics(torch.as_tensor(features).to(torch.float64)), _stats(reference_stats))
+        feats = torch.as_tensor(features).to(torch.float64)
+        point = fid_from_statistics(fid_statistics(feats), _stats(reference_stats))
         if method == "shifted":
             bias = fids.mean() - point
             low, high = q_lo - bias, q_hi - bias

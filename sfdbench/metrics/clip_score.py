@@ -102,9 +102,11 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFAULT_CL
 
     path = resolve_clip_weights(model_name, pretrained, cache_dir)  # before building a 1B-parameter model
     cfg = get_pretrained_cfg(model_name, pretrained) if not Path(pretrained).expanduser().is_file() else {}
-    preprocess_cfg = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    # a file path loses the tag's preprocessing config in open_clip: pass it explicitly
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=str(path), device=device, force_preprocess_cfg=preprocess_cfg or None)
+        model_name, pretrained=str(path), device=device, image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+        image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"),
+        force_quick_gelu=bool(cfg.get("quick_gelu", False)))
     model.eval()
     return ClipModel(model, preprocess, open_clip.get_tokenizer(model_name), model_name, pretrained, str(path))
 

@@ -100,7 +100,8 @@ def _expected_sha256_prefix(filename: str) -> str:
 
 
 def require_inception_weights(path: Path | None = None) -> Path:
-    """The Inception weights file, checked (exists, sha256 prefix) without any download."""
+    """The Inception weights file without any download: torch hub's cached file (existence and the
+    sha256 prefix in its name are checked) or an explicit ``path`` (existence only)."""
     explicit = path is not None
     path = Path(path) if explicit else inception_weights_path()
     name = os.path.basename(inception_url())
@@ -110,6 +111,8 @@ def require_inception_weights(path: Path | None = None) -> Path:
         raise MissingAsset(f"missing Inception-v3 weights {name} (torch-fidelity inception-v3-compat, pool3): "
                            f"download {inception_url()} and put it at {path} "
                            "(torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to ~/.cache/torch)")
+    if explicit:  # the user's own file (e.g. a re-converted checkpoint): identified by its hash, not checked
+        return path
     expected = _expected_sha256_prefix(name)
     digest = sha256_of(path)
     if not digest.startswith(expected):

@@ -26,7 +26,7 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
     table = records.groupby(["group", "method", "display", "nfe"], sort=False).agg(**aggs).reset_index()
     table["source"], table["fid_qualifier"], table["hours_qualifier"] = "measured", "", ""
-    return table.reindex(columns=COLUMNS)
+    return combine(table.reindex(columns=COLUMNS), pd.DataFrame(columns=COLUMNS))
 
 
 def published_rows(published: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import torch
 
 from sfdbench.diffusion.denoiser import EDMPrecond
 from sfdbench.metrics import digits_features
-from sfdbench.metrics.fid import extract_features, fid_from_statistics, fid_statistics
+from sfdbench.metrics.fid import extract_features, fid_statistics
 from sfdbench.metrics.images import to_uint8
 from sfdbench.networks.checkpoint import load_weights, read_metadata
 from sfdbench.networks.digits_unet import DigitsUNet
@@ -28,6 +28,7 @@ FEATURE_WEIGHTS = WEIGHTS_DIR / "digits-features.safetensors"
 SPLIT_SEED = 0
 HELD_OUT = 297  # images never seen by the teacher or the feature net; 1500 remain for training
 SIGMA_DATA = 0.5
+DIGITS_KID_SUBSETS = 20  # torch-fidelity's 100 subsets cost ~3.7 s per record on 2 cores; 20 keep KID's std small
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -66,10 +67,15 @@ class DigitsSuite(Suite):
             sigma_min=SIGMA_MIN,
             sigma_max=SIGMA_MAX,
             default_grid=(
-                GridEntry("heun", (36,)),
+                GridEntry("heun", (4, 10, 36)),
                 GridEntry("ddim", (2, 3, 4, 5, 10)),
                 GridEntry("dpmpp3m", (2, 3, 4, 5, 10)),
                 GridEntry("sfd", (2, 3, 4, 5)),
+                GridEntry("dpm2", (4, 10)),
+                GridEntry("dpmpp2m", (3, 4, 5, 10)),
+                GridEntry("ipndm", (3, 4, 5, 10)),
+                GridEntry("unipc", (3, 4, 5, 10)),
+                GridEntry("deis", (3, 4, 5, 10)),
             ),
             default_seeds=(0, 1, 2),
             default_samples=2000,
@@ -83,10 +89,11 @@ class DigitsSuite(Suite):
     def load_teacher(self, path=None, device="cpu") -> EDMPrecond:
         path = Path(path or TEACHER_WEIGHTS)
         meta = read_metadata(path)
-        if "config" not in meta:
+        if meta.get("kind") != "digits-teacher" or "config" not in meta:
             from sfdbench.errors import BadInput
 
-            raise BadInput(f"{path} is not an sfdbench digits teacher (no architecture config in its metadata)")
+            raise BadInput(f"{path} is not an sfdbench digits teacher (its metadata kind is {meta.get('kind')!r}); "
+                           "pass a file written by `sfdbench teacher train`")
         net = load_weights(build_teacher_net(meta["config"]), path)
         teacher = EDMPrecond(net, SIGMA_MIN, SIGMA_MAX, meta.get("sigma_data", SIGMA_DATA)).to(device).eval()
         teacher.requires_grad_(False)
@@ -96,17 +103,25 @@ class DigitsSuite(Suite):
         return sha256_file(Path(path or TEACHER_WEIGHTS))[:16]
 
     def evaluate(self, images_u8: torch.Tensor) -> dict[str, float]:
-        feats = extract_features(_extractor(), images_u8, digits_features.FEATURE_LAYER)
-        return {"fid": fid_from_statistics(fid_statistics(feats), _reference_statistics())}
+        """fid, kid (+ kid_std, kid_subset_size), precision, recall, density, coverage of uint8 samples
+        against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``."""
+        from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
+        from sfdbench.metrics.reference import reference_statistics
+
+        space = digits_features.feature_space(FEATURE_WEIGHTS)
+        # 1500 8x8 images: recomputed once per process in well under a second, kept in memory (no cache file)
+        reference = reference_statistics(space, "sklearn-digits-train-split0-1500",
+                                         lambda: to_uint8(load_digits("train")[0]))
+        return compute_metrics(images_u8, reference, space, IMAGE_METRICS, k=5, kid_subsets=DIGITS_KID_SUBSETS)
 
     def metric_protocol(self) -> dict:
+        from sfdbench.metrics.evaluate import protocol
+
         return {
-            "feature_extractor": digits_features.EXTRACTOR_NAME,
-            "feature_layer": digits_features.FEATURE_LAYER,
-            "feature_weights_sha256": sha256_file(FEATURE_WEIGHTS)[:16],
-            "reference_set": "digits train split (1500 images)",
-            "n_reference": len(load_digits("train")[0]),
-            "fid_implementation": "torch-fidelity",
+            **protocol(digits_features.feature_space(FEATURE_WEIGHTS), k=5, pr_definition="knn",
+                       kid_subsets=DIGITS_KID_SUBSETS,
+                       n_reference=len(load_digits("train")[0])),
+            "reference_set": "digits train split (1500 images; all of them also serve as PRDC/KID reference)",
         }
 
 
