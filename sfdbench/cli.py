@@ -356,13 +356,9 @@ def _writable_file(path: Path) -> Path:
 
 def _check_writable_dir(path: Path) -> None:
     """Fail early (exit 2) when ``path`` (or its nearest existing parent) cannot be written."""
-    import os
+    from sfdbench.harness.runner import check_writable
 
-    probe = Path(path)
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write to {path}: {probe} is not a writable directory; choose another --out")
+    check_writable(path)
 
 
 def main() -> None:
