@@ -110,17 +110,34 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
 @app.command("table")
 def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("markdown", "--format",
                                                                            help="latex | markdown | csv"),
-              results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
-              published: bool = typer.Option(True, help="show the paper's published rows beside measured ones")):
+              results: Path | None = typer.Option(None, help="results folder written by `sfdbench run` (default "
+                                                  "results; with --ablation, results/ablate as `ablate` writes)"),
+              published: bool = typer.Option(True, help="show the paper's published rows beside measured ones"),
+              ablation: str | None = typer.Option(None, help="render the table of `sfdbench ablate --knob "
+                                                  "KNOB` from the records under --results instead"),
+              nfe: str | None = typer.Option(None, help="with --ablation: comma-separated NFEs (default: all)"),
+              set_: list[str] | None = typer.Option(None, "--set", help="with --ablation: the --set overrides "
+                                                    "the ablation ran with")):
     """Comparison table: measured rows (FID mean ± std over seeds, metrics, fine-tuning time)
-    and the paper's published rows, grouped as in the paper's Tables 2/3."""
+    and the paper's published rows, grouped as in the paper's Tables 2/3; or, with --ablation,
+    an SFD ablation table shaped like the paper's Table 1."""
     from sfdbench.report.tables import FORMATS, render
     from sfdbench.suites import get_suite
 
     if fmt not in FORMATS:
         raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     s = get_suite(suite)
-    table = _suite_table(s.name, results, published)
+    if ablation is not None:
+        from sfdbench.harness.ablate import ablation_from_results, render_ablation
+        from sfdbench.harness.runner import parse_overrides
+
+        ab = ablation_from_results(results or Path("results/ablate"), s.name, ablation, _int_list(nfe, "--nfe") or None,
+                                   parse_overrides(set_ or []))
+        print(render_ablation(ab, fmt), end="")
+        return
+    if nfe is not None or set_:
+        raise BadInput("--nfe and --set go with --ablation")
+    table = _suite_table(s.name, results or Path("results"), published)
     caption = (f"{s.name}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
                "published rows are the SFD paper's (A100 hours).")
     print(render(table, fmt, caption=caption))
@@ -201,9 +218,14 @@ def report_cmd(suite: str = typer.Option("digits"),
     records = load_records(results, s.name)
     grids, metadata = [], {"suite": s.name, "description": s.description}
     if not records.empty:
-        for (method, display, nfe), _ in records.groupby(["method", "display", "nfe"], sort=False):
-            path = results / s.name / "grids" / f"{method}-nfe{nfe}.png"
-            if path.is_file():
+        from sfdbench.report.tables import variant_displays
+
+        records["display"] = variant_displays(records)
+        for (display, nfe), part in records.groupby(["display", "nfe"], sort=False):
+            # the grid lies next to the records, whatever the folder was called when they were written
+            named = part["sample_grid"].dropna()
+            path = results / s.name / "grids" / Path(named.iloc[0]).name if not named.empty else None
+            if path is not None and path.is_file():
                 grids.append((f"{display}, NFE {nfe}", path))
         first = read_record(Path(records["path"].iloc[-1])) or {}
         metadata.update({"records": len(records), "seeds": sorted(set(records["seed"])),
@@ -311,8 +333,12 @@ def assets_cmd():
 @app.command("sample")
 def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetensors written by `sfdbench run`"),
                suite: str = typer.Option("digits"), samples: int = typer.Option(64), seed: int = typer.Option(0),
-               out_path: Path = typer.Option(Path("samples.png"), "--out", help=".png grid or .npz of uint8")):
-    """Sample a distilled model at its NFE; write a PNG grid or an npz of uint8 images."""
+               out_path: Path = typer.Option(Path("samples.png"), "--out", help=".png grid or .npz of uint8"),
+               nfe: int | None = typer.Option(None, help="NFE for a model trained on several (SFD-v: 2-5); "
+                                                          "default: the model's own"),
+               device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda")):
+    """Sample a distilled model at its NFE (or, for SFD-v, at --nfe); write a PNG grid or an npz of
+    uint8 images."""
     import io
 
     import numpy as np
@@ -329,8 +355,8 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
         raise BadInput("--samples must be at least 1")
     _check_writable_dir(out_path.parent)
     s = get_suite(suite)
-    fitted = load_fitted(model, s.load_teacher(), "cpu")
-    images, stats = generate(fitted, seed, samples, s.image_shape)
+    fitted = load_fitted(model, s.load_teacher(device=device), device, nfe=nfe)
+    images, stats = generate(fitted, seed, samples, s.image_shape, device=device)
     u8 = to_uint8(images)
     buf = io.BytesIO()
     if out_path.suffix == ".npz":
@@ -342,6 +368,37 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
                                      padding=1)
     atomic_write_bytes(out_path, buf.getvalue())
     out.print(f"wrote {samples} samples at NFE {stats['nfe_counted']:g} to {out_path}")
+
+
+@app.command("ablate")
+def ablate_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench suites`)"),
+               knob: str = typer.Option(..., help="teacher | K | sigma_min | afs | loss | rho"),
+               nfe: str = typer.Option("2", help="comma-separated NFEs"),
+               seeds: str | None = typer.Option(None, help="comma-separated run seeds; default: the suite's"),
+               samples: int | None = typer.Option(None, help="samples per (variant, NFE, seed)"),
+               out_dir: Path = typer.Option(Path("results/ablate"), "--out",
+                                            help="results folder (records as `run`; kept apart from the main "
+                                                 "results by default, since `table` averages records per "
+                                                 "method and NFE)"),
+               fmt: str = typer.Option("markdown", "--format", help="markdown | latex | csv"),
+               device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+               force: bool = typer.Option(False, help="rerun records that already exist"),
+               set_: list[str] | None = typer.Option(None, "--set", help="METHOD.KEY=VALUE override for every "
+                                                         "variant (repeatable), e.g. --set sfd.iterations=50")):
+    """SFD ablation of one knob (the paper's Table 1): one `sfd` run per value, then a table of
+    FID mean ± std and fine-tuning device-hours per NFE."""
+    from sfdbench.harness.ablate import FORMATS, render_ablation, run_ablation
+    from sfdbench.harness.runner import parse_overrides
+    from sfdbench.suites import get_suite
+
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    s = get_suite(suite)
+    _check_writable_dir(out_dir)
+    result = run_ablation(s.name, knob, _int_list(nfe, "--nfe"), _int_list(seeds, "--seeds") or list(s.default_seeds),
+                          samples if samples is not None else s.default_samples, out_dir,
+                          parse_overrides(set_ or []), device=device, force=force)
+    out.print(render_ablation(result, fmt), markup=False, highlight=False, emoji=False, soft_wrap=True, end="")
 
 
 def _writable_file(path: Path) -> Path:

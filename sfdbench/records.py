@@ -21,6 +21,17 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# What identifies a configuration: the record fields the config hash covers, the seed aside.
+CONFIG_FIELDS = ("suite", "method", "nfe", "hyperparameters", "teacher", "n_samples", "metric_protocol",
+                 "schema_version")
+
+
+def variant_hash(record: dict) -> str:
+    """The hash of a record's configuration without its seed: records that differ only in seed
+    share it, and are the ones a table averages."""
+    return config_hash({k: record.get(k) for k in CONFIG_FIELDS})
+
+
 def records_dir(out: Path, suite: str) -> Path:
     return Path(out) / suite / "records"
 
@@ -74,7 +85,9 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
         ft = rec.get("fine_tuning") or {}
         rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
-                     "config_hash": rec["config_hash"], **rec.get("metrics", {}),
+                     "config_hash": rec["config_hash"], "variant": variant_hash(rec),
+                     "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
+                     "sample_grid": rec.get("sample_grid"), **rec.get("metrics", {}),
                      "fine_tuning_hours": ft.get("device_hours", 0.0), "device": ft.get("device"),
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})

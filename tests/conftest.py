@@ -25,3 +25,29 @@ TINY_SFD = ["--set", "sfd.iterations=3", "--set", "sfd.batch=8", "--set", "sfd.c
 def tree(path: Path) -> list[str]:
     """Every file under ``path`` (empty list when it does not exist)."""
     return sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else []
+
+
+class FitInterrupted(Exception):
+    """Raised by ``progress_that_dies`` to stop a fit in the middle."""
+
+
+def progress_that_dies(after: int, prefix: str = ""):
+    """A ``FitContext.progress`` whose bar raises ``FitInterrupted`` at the ``after``-th advanced
+    iteration of a bar whose description starts with ``prefix`` (resume tests)."""
+    from contextlib import contextmanager
+
+    def progress(description, total):
+        @contextmanager
+        def bar():
+            done = {"n": 0}
+
+            def advance(n=1, info=""):
+                done["n"] += n
+                if description.startswith(prefix) and done["n"] == after:
+                    raise FitInterrupted
+
+            yield advance
+
+        return bar()
+
+    return progress

@@ -17,6 +17,7 @@ differ from the names' promise, are in ``sfdbench.diffusion.convergence``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -481,6 +482,17 @@ def sample(solver: Solver, denoiser: Denoiser, latents: torch.Tensor, sigmas: to
     for state in solver(denoiser, x, sigmas, **options):
         x = state
     return x
+
+
+def sampler(solver: Solver, sigmas: torch.Tensor, **options: Any):
+    """``sample`` with the solver, schedule and options bound: ``f(denoiser, latents) -> images``,
+    the shape of a method's sampler (``methods.base.Fitted.sample``)."""
+    return functools.partial(_sample_latents, solver, sigmas, options)
+
+
+def _sample_latents(solver: Solver, sigmas: torch.Tensor, options: dict, denoiser: Denoiser,
+                    latents: torch.Tensor) -> torch.Tensor:
+    return sample(solver, denoiser, latents, sigmas, **options)
 
 
 def trajectory(solver: Solver, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,

@@ -150,7 +150,7 @@ def run(plan: RunPlan) -> list[Path]:
         fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
                                        progress=progress_bar))
         grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" /
-                                      f"{method.name}-nfe{nfe}.png", device)
+                                      f"{method.name}-nfe{nfe}-{fit_hash}.png", device)
         for seed, chash, path in todo:
             started = now()
             with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:

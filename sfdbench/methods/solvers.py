@@ -58,12 +58,8 @@ class SolverMethod(Method):
         # the LDM/SD "discrete" schedule needs the model's noise table (a suite's ``discrete_vp``)
         extra = {"vp": getattr(ctx.suite, "discrete_vp", None)} if hp["schedule"] == "discrete" else {}
         sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"], **extra)
-        solver = solvers.SOLVERS[self.solver]
         options = {k: hp[k] for k in self.options}
-
-        def sample(denoiser, latents):
-            return solvers.sample(solver, denoiser, latents, sigmas, afs=self.afs, **options)
-
+        sample = solvers.sampler(solvers.SOLVERS[self.solver], sigmas, afs=self.afs, **options)
         return Fitted(denoiser=ctx.teacher, sample=sample, nfe=ctx.nfe)
 
 

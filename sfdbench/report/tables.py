@@ -17,16 +17,58 @@ COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std",
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
-    """Measured rows: one per (method, NFE) with metric means, FID std (ddof=1) and seed count."""
+    """Measured rows: one per configuration (method, NFE and everything else but the seed: the
+    records' ``variant``) with metric means, FID std (ddof=1) and seed count. Where one (method,
+    NFE) has several configurations (an ablation, another sample count, another teacher), each is
+    its own row, its name followed by what sets it apart, e.g. ``SFD [M=1]``."""
     if records.empty:
         return pd.DataFrame(columns=COLUMNS)
+    records = records.copy()
+    if "variant" not in records:
+        records["variant"] = ""
+    records["display"] = variant_displays(records)
     aggs = {"fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"), "seeds": ("seed", "nunique"),
             "n_samples": ("n_samples", "max"), "fine_tuning_hours": ("fine_tuning_hours", "mean"),
             "device": ("device", "first")}
     aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
-    table = records.groupby(["group", "method", "display", "nfe"], sort=False).agg(**aggs).reset_index()
+    table = records.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(**aggs).reset_index()
     table["source"], table["fid_qualifier"], table["hours_qualifier"] = "measured", "", ""
     return combine(table.reindex(columns=COLUMNS), pd.DataFrame(columns=COLUMNS))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def variant_displays(records: pd.DataFrame) -> pd.Series:
+    """Each record's display name, with ``[key=value, ...]`` appended where its (method, NFE) has
+    several configurations: the settings in which it differs from the configuration with the most
+    records (hyperparameters, sample count, teacher)."""
+    names = records["display"].astype(str).copy()
+    for _, part in records.groupby(["method", "nfe"], sort=False):
+        variants = part["variant"].unique()
+        if len(variants) < 2:
+            continue
+        settings = {}
+        for v in variants:
+            first = part[part["variant"] == v].iloc[0]
+            flat = _flatten(first.get("hyperparameters") if "hyperparameters" in part else {})
+            flat.update({"samples": first.get("n_samples"), "teacher": first.get("teacher")})
+            settings[v] = flat
+        common = part["variant"].value_counts(sort=True).index[0]
+        for v in variants:
+            diff = [f"{k}={settings[v].get(k)}" for k in sorted(set(settings[v]) | set(settings[common]))
+                    if k not in ("num_steps",) and settings[v].get(k) != settings[common].get(k)]
+            if v != common:
+                rows = part.index[part["variant"] == v]
+                names[rows] = names[rows] + f" [{', '.join(diff) or 'other config'}]"
+    return names
 
 
 def published_rows(published: pd.DataFrame) -> pd.DataFrame:
