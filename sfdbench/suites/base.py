@@ -45,3 +45,20 @@ class Suite:
     def metric_protocol(self) -> dict:
         """What a record must say about how metrics were computed (extractor, reference, n)."""
         raise NotImplementedError
+
+    def feature_space(self):
+        """The ``metrics.features.FeatureSpace`` the suite's metrics use."""
+        raise NotImplementedError
+
+    def reference(self):
+        """The suite's reference statistics (``metrics.reference.ReferenceStats``)."""
+        raise NotImplementedError
+
+    def fid_features_and_reference(self, images_u8: torch.Tensor):
+        """(features [N, D] of uint8 samples, reference statistics): what FID and its bootstrap
+        interval are computed from. Bad images -> ``BadInput``."""
+        from sfdbench.metrics.evaluate import validate_images
+
+        space = self.feature_space()
+        reference = self.reference()
+        return space.features(validate_images(images_u8, space)), reference

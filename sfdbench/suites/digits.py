@@ -107,17 +107,23 @@ class DigitsSuite(Suite):
     def teacher_id(self, path=None) -> str:
         return sha256_file(Path(path or TEACHER_WEIGHTS))[:16]
 
+    def feature_space(self):
+        return digits_features.feature_space(FEATURE_WEIGHTS)
+
+    def reference(self):
+        from sfdbench.metrics.reference import reference_statistics
+
+        # 1500 8x8 images: recomputed once per process in well under a second, kept in memory (no cache file)
+        return reference_statistics(self.feature_space(), "sklearn-digits-train-split0-1500",
+                                    lambda: to_uint8(load_digits("train")[0]))
+
     def evaluate(self, images_u8: torch.Tensor) -> dict[str, float]:
         """fid, kid (+ kid_std, kid_subset_size), precision, recall, density, coverage of uint8 samples
         against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``."""
         from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
-        from sfdbench.metrics.reference import reference_statistics
 
-        space = digits_features.feature_space(FEATURE_WEIGHTS)
-        # 1500 8x8 images: recomputed once per process in well under a second, kept in memory (no cache file)
-        reference = reference_statistics(space, "sklearn-digits-train-split0-1500",
-                                         lambda: to_uint8(load_digits("train")[0]))
-        return compute_metrics(images_u8, reference, space, IMAGE_METRICS, k=5, kid_subsets=DIGITS_KID_SUBSETS)
+        return compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
+                               kid_subsets=DIGITS_KID_SUBSETS)
 
     def metric_protocol(self) -> dict:
         from sfdbench.metrics.evaluate import protocol

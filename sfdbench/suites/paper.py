@@ -46,6 +46,10 @@ class PaperSuite(Suite):
         self._require_assets()
         raise SfdbenchError(f"suite {self.name!r}: Inception evaluation is not wired in yet")
 
+    def feature_space(self):
+        self._require_assets()
+        raise SfdbenchError(f"suite {self.name!r}: Inception evaluation is not wired in yet")
+
     def metric_protocol(self) -> dict:
         return {"feature_extractor": "inception-v3-compat", "feature_layer": "2048", "n_generated": 50_000,
                 "reference_set": "training set statistics (EDM fid-refs)"}
