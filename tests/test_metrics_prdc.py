@@ -30,15 +30,22 @@ def max_abs_diff(a, b):
     return max(abs(a[key] - b[key]) for key in KEYS)
 
 
-def clustered(rng, n, dim, centers, spread=0.3):
-    c = rng.standard_normal((centers, dim)) * 3
-    return c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, dim))
+def clustered(rng, n, centers, spread=0.3):
+    """``n`` points around the rows of ``centers``."""
+    return centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, centers.shape[1]))
+
+
+def clustered_pair(rng, dim=16, n_centers=10):
+    """Real and fake sets around the SAME cluster centres, the fake ones wider and missing two
+    clusters: every metric is strictly between 0 and 1."""
+    centers = rng.standard_normal((n_centers, dim)) * 3
+    return clustered(rng, 2000, centers, 0.3), clustered(rng, 1500, centers[2:], 0.4)
 
 
 CASES = {
     # name: (real, fake, k, tile) -- tiles smaller than the sets exercise the tiled merge
     "gaussian-shifted": lambda r: (r.standard_normal((1200, 32)), r.standard_normal((900, 32)) + 0.25, 5, 256),
-    "clustered": lambda r: (clustered(r, 2000, 16, 10), clustered(r, 1500, 16, 10, 0.4), 5, 512),
+    "clustered": lambda r: (*clustered_pair(r), 5, 512),
     "few-thousand-2048d": lambda r: (np.abs(r.standard_normal((2500, 2048))),
                                      np.abs(r.standard_normal((2500, 2048))) * 1.05, 5, 1024),
     "k3-uneven": lambda r: (r.standard_normal((301, 8)), 1.5 * r.standard_normal((77, 8)), 3, 64),
@@ -93,7 +100,7 @@ def test_float32_input_is_upcast_per_tile():
 
 def test_result_does_not_depend_on_tile_size():
     rng = np.random.default_rng(4)
-    real, fake = clustered(rng, 700, 8, 5), clustered(rng, 650, 8, 5)
+    real, fake = clustered_pair(rng, dim=8, n_centers=5)
     results = [prdc(real, fake, tile=t) for t in (7, 64, 333, 10_000)]
     assert all(r == results[0] for r in results)
 

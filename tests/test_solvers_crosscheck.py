@@ -73,6 +73,8 @@ tolerance is 1e-5 relative to the largest entry of the reference state (``rel_di
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -154,9 +156,17 @@ def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
+# test function -> the largest max_rel_diff it measured (``python tests/test_solvers_crosscheck.py``
+# prints them as the cross-check table)
+MEASURED: dict[str, float] = {}
+
+
 def max_rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     assert ours.shape == theirs.shape
-    return max(rel_diff(o, t) for o, t in zip(ours, theirs, strict=True))
+    value = max(rel_diff(o, t) for o, t in zip(ours, theirs, strict=True))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split("[")[0].split(" ")[0]
+    MEASURED[test] = max(MEASURED.get(test, 0.0), value)
+    return value
 
 
 def eps_model(denoiser, x_ve: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -540,3 +550,29 @@ def test_discrete_schedule_vs_diffusers_linspace_timesteps(n):
         assert diff <= 1e-13
     else:
         assert 1e-7 < diff < 1e-5
+
+
+# (test, ours, diffusers' scheduler and settings) for the printed table
+TABLE = [
+    ("test_euler_matches_diffusers_euler", "euler", "EulerDiscreteScheduler (sigmas given)"),
+    ("test_ddim_matches_diffusers_ddim", "euler / ddim", "DDIMScheduler (eta 0, VP<->EDM)"),
+    ("test_heun_matches_diffusers_heun", "heun", "HeunDiscreteScheduler (karras, exponential)"),
+    ("test_dpm_solver_2_matches_diffusers_kdpm2", "dpm2", "KDPM2DiscreteScheduler (karras)"),
+    ("test_dpmpp_data_prediction_matches_diffusers", "dpmpp 1-3M", "DPMSolverMultistep dpmsolver++"),
+    ("test_dpm_noise_prediction_matches_diffusers_dpmsolver", "dpmpp predict_x0=False",
+     "DPMSolverMultistep dpmsolver"),
+    ("test_dpmpp_dynamic_thresholding_matches_diffusers", "dpmpp thresholding", "DPMSolverMultistep thresholding"),
+    ("test_unipc_matches_diffusers_unipc", "unipc bh1/bh2 1-3", "UniPCMultistepScheduler"),
+    ("test_unipc_dynamic_thresholding_matches_diffusers", "unipc thresholding", "UniPCMultistep thresholding"),
+    ("test_deis_logrho_matches_diffusers_and_tab_differs", "deis log_sigma 1-3", "DEISMultistepScheduler logrho"),
+]
+
+if __name__ == "__main__":
+    # The cross-check table: run this module's tests, then print the largest relative difference
+    # each comparison measured (every one is also asserted <= RTOL by its test).
+    code = pytest.main([__file__, "-q", "-p", "no:cacheprovider"])
+    measured = sys.modules["test_solvers_crosscheck"].MEASURED  # the module as pytest imported it
+    print("\n| ours | diffusers | max relative difference (float64, all cases) |\n|---|---|---|")
+    for test, mine, theirs in TABLE:
+        print(f"| {mine} | {theirs} | {measured.get(test, float('nan')):.1e} |")
+    sys.exit(code)
