@@ -30,6 +30,13 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
     table["fine_tuning_hours"] = table["fine_tuning_hours"].fillna(0.0).astype(float)
     shift = time_shift(table["fine_tuning_hours"])
     table["x"] = table["fine_tuning_hours"] + shift
+    # training-free methods all sit at x = shift; fan them out (one column per method, within
+    # +-0.2 decades) so their markers and NFE labels do not pile up on one vertical line
+    free = table["fine_tuning_hours"] == 0
+    names = list(dict.fromkeys(table.loc[free, "display"]))
+    if len(names) > 1:
+        offsets = {n: -0.2 + 0.4 * i / (len(names) - 1) for i, n in enumerate(names)}
+        table.loc[free, "x"] = shift * 10 ** table.loc[free, "display"].map(offsets).astype(float)
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
     for group, part in table.groupby("group"):
         lo, hi = part["x"].min() / 1.6, part["x"].max() * 1.6
@@ -37,7 +44,7 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
         ax.text(math.sqrt(lo * hi), 0.98, GROUP_LABELS.get(group, group), transform=ax.get_xaxis_transform(),
                 ha="center", va="top", fontsize=8, color="#555555")
     cmap = plt.get_cmap("tab20")
-    for i, (_, part) in enumerate(table.groupby("method", sort=False)):
+    for i, (_, part) in enumerate(table.groupby(["method", "display"], sort=False)):
         color, marker = cmap((2 * i) % 20 + (i // 10) % 2), MARKERS[i % len(MARKERS)]
         label = part["display"].iloc[0]
         for source, rows in part.groupby("source"):
@@ -52,7 +59,8 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
     ax.set_xscale("log")
     if table["fid_mean"].max() / max(table["fid_mean"].min(), 1e-9) > 30:
         ax.set_yscale("log")
-    ax.set_xlabel(f"fine-tuning time + {shift:g} (device-hours, log scale)")
+    spread = "; training-free methods fanned out around it" if len(names) > 1 else ""
+    ax.set_xlabel(f"fine-tuning time + {shift:g} (device-hours, log scale{spread})")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title + "   (numbers next to points: NFE)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
