@@ -144,3 +144,20 @@ def test_check_reports_improvements_without_failing():
     assert list(result["status"]) == ["improvement"] and not failed(result)
     assert failed(compare(better.assign(config_hash="other"), ref))
     assert failed(compare(better.iloc[0:0], ref))  # missing rows fail
+
+
+def test_plot_fans_training_free_methods_out_and_keeps_configurations_apart():
+    from sfdbench.report.plots import fid_vs_finetuning
+
+    rows = [("solver", "ddim", "DDIM", 0.0), ("solver", "heun", "Heun", 0.0), ("solver", "unipc", "UniPC", 0.0),
+            ("distillation", "sfd", "SFD", 0.01), ("distillation", "sfd", "SFD [afs=False]", 0.01)]
+    table = pd.DataFrame([{"group": g, "method": m, "display": d, "nfe": 4, "source": "measured", "fid_mean": 5.0,
+                           "fid_std": 0.5, "fine_tuning_hours": h} for g, m, d, h in rows])
+    fig = fid_vs_finetuning(table, "t")
+    ax = fig.axes[0]
+    xs = {c.get_label(): float(c.lines[0].get_xdata()[0]) for c in ax.containers}  # one errorbar per series
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"{d} (measured)" for _, _, d, _ in rows]  # one series per configuration
+    free = sorted(x for label, x in xs.items() if label.split(" (")[0] in ("DDIM", "Heun", "UniPC"))
+    assert len(free) == 3 and free[0] < free[1] < free[2]  # fanned out, not on one line
+    assert free[0] >= 0.01 * 10**-0.2 * 0.999 and free[2] <= 0.01 * 10**0.2 * 1.001  # within +-0.2 decades of the shift
