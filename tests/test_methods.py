@@ -65,3 +65,38 @@ def test_overrides_enter_hyperparameters(suite):
     bad.method_options = {"ddim": {"num_steps": 9}}
     with pytest.raises(BadInput):
         get_method("ddim").hyperparameters(bad, 2)
+
+
+@pytest.mark.parametrize("name,nfe,steps", [("heun", 3, 3), ("heun", 9, 6), ("dpmpp3m", 5, 7), ("ddim", 1, 3)])
+def test_afs_can_be_switched_on_for_any_solver(name, nfe, steps, teacher):
+    """`--set METHOD.afs=true`: the first step is analytic (no network call), so one more
+    timestamp fits in the same NFE; the count is still exact and the table name says + AFS."""
+    s = DigitsSuite()
+    s.method_options = {name: {"afs": True}}
+    method = get_method(name)
+    method.check_nfe(nfe, s)
+    hp = method.hyperparameters(s, nfe)
+    assert hp["afs"] is True and hp["num_steps"] == steps
+    assert method.display_name(hp) == f"{method.display} + AFS"
+    assert method.display_name(method.hyperparameters(DigitsSuite(), 4)) == method.display
+    fitted = method.fit(FitContext(suite=s, teacher=teacher, nfe=nfe, workdir=None))
+    counter = CountingDenoiser(fitted.denoiser)
+    with torch.no_grad():
+        fitted.sample(counter, torch.randn(2, *s.image_shape))
+    assert counter.calls == nfe
+
+
+def test_afs_changes_which_nfes_a_two_evaluation_solver_supports():
+    on = DigitsSuite()
+    on.method_options = {"heun": {"afs": True}}
+    heun = get_method("heun")
+    with pytest.raises(BadInput, match="does not support NFE 4"):
+        heun.check_nfe(4, on)
+    with pytest.raises(BadInput, match="does not support NFE 3"):
+        heun.check_nfe(3, DigitsSuite())
+    with pytest.raises(BadInput, match="odd with --set heun.afs=true"):
+        heun.check_nfe(3)
+    bad = DigitsSuite()
+    bad.method_options = {"heun": {"afs": "yes"}}
+    with pytest.raises(BadInput, match="afs must be true or false"):
+        heun.hyperparameters(bad, 4)

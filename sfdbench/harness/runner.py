@@ -85,7 +85,7 @@ def validate(plan: RunPlan) -> None:
     if plan.samples >= SEED_STRIDE:
         raise BadInput(f"--samples must be below {SEED_STRIDE}")
     for method, nfe in plan.grid:
-        get_method(method).check_nfe(nfe)
+        get_method(method).check_nfe(nfe, suite)
         get_method(method).hyperparameters(suite, nfe)
     check_writable(plan.out)
     suite.load_teacher(plan.teacher)  # corrupt or mismatched weights fail here, before any write
@@ -160,7 +160,7 @@ def run(plan: RunPlan) -> list[Path]:
                                    f"{stats['nfe_counted']} times per sample")
             metrics = suite.evaluate(to_uint8(images))
             record = {
-                **base, "seed": seed, "config_hash": chash, "display": method.display, "group": method.group,
+                **base, "seed": seed, "config_hash": chash, "display": method.display_name(hp), "group": method.group,
                 "nfe_counted": stats["nfe_counted"], "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,
                 "fit_info": fitted.info,

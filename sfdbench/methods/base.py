@@ -52,9 +52,18 @@ class Method:
     def supports(self, nfe: int) -> bool:
         raise NotImplementedError
 
-    def check_nfe(self, nfe: int) -> None:
-        if not self.supports(nfe):
+    def supports_in(self, suite, nfe: int) -> bool:
+        """Whether NFE ``nfe`` is possible with ``suite``'s settings of this method (``--set``
+        can change which NFEs are possible, e.g. AFS on a 2-evaluation solver); default ``supports``."""
+        return self.supports(nfe)
+
+    def check_nfe(self, nfe: int, suite=None) -> None:
+        if not (self.supports(nfe) if suite is None else self.supports_in(suite, nfe)):
             raise BadInput(f"method {self.name!r} does not support NFE {nfe}; it supports {self.nfe_rule()}")
+
+    def display_name(self, hp: dict) -> str:
+        """The name tables show for a run with hyperparameters ``hp``."""
+        return self.display
 
     def default_hyperparameters(self, suite, nfe: int) -> dict:
         """Every setting that determines the result, before the suite's / user's overrides."""

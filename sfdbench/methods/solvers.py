@@ -28,30 +28,48 @@ class SolverMethod(Method):
     group: str = "solver"
     description: str = ""
 
-    def steps_for_nfe(self, nfe: int) -> int | None:
+    def steps_for_nfe(self, nfe: int, afs: bool | None = None) -> int | None:
         """Number of timestamps N with NFE = evals_per_step (N - 1) - afs, or None."""
-        intervals, rem = divmod(nfe + int(self.afs), self.evals_per_step)
+        afs = self.afs if afs is None else afs
+        intervals, rem = divmod(nfe + int(afs), self.evals_per_step)
         return intervals + 1 if rem == 0 and intervals >= 1 else None
+
+    def afs_in(self, suite) -> bool:
+        """AFS as the suite / ``--set METHOD.afs=true`` says, else the method's default."""
+        afs = suite.method_options.get(self.name, {}).get("afs", self.afs) if suite is not None else self.afs
+        if not isinstance(afs, bool):
+            raise BadInput(f"{self.name}: afs must be true or false, got {afs!r}")
+        return afs
 
     def supports(self, nfe: int) -> bool:
         return isinstance(nfe, int) and nfe >= 1 and self.steps_for_nfe(nfe) is not None
 
+    def supports_in(self, suite, nfe: int) -> bool:
+        return isinstance(nfe, int) and nfe >= 1 and self.steps_for_nfe(nfe, self.afs_in(suite)) is not None
+
     def nfe_rule(self) -> str:
         if self.evals_per_step == 1:
             return "any NFE >= 1"
-        return f"NFE = 2(N-1){' - 1' if self.afs else ''}, i.e. {'odd' if self.afs else 'even'} NFE >= 2"
+        return (f"NFE = 2(N-1){' - 1' if self.afs else ''}, i.e. {'odd' if self.afs else 'even'} NFE >= 2 "
+                f"({'even' if self.afs else 'odd'} with --set {self.name}.afs={'false' if self.afs else 'true'})")
 
     def default_hyperparameters(self, suite, nfe: int) -> dict:
-        return {"solver": self.solver, "schedule": self.schedule, "rho": self.rho, "afs": self.afs,
-                "num_steps": self.steps_for_nfe(nfe), "sigma_min": suite.sigma_min,
+        afs = self.afs_in(suite)
+        return {"solver": self.solver, "schedule": self.schedule, "rho": self.rho, "afs": afs,
+                "num_steps": self.steps_for_nfe(nfe, afs), "sigma_min": suite.sigma_min,
                 "sigma_max": suite.sigma_max, **self.options}
 
     def hyperparameters(self, suite, nfe: int) -> dict:
         hp = super().hyperparameters(suite, nfe)
-        if hp["solver"] != self.solver or hp["num_steps"] != self.steps_for_nfe(nfe) or hp["afs"] != self.afs:
-            raise BadInput(f"{self.name}: solver, num_steps and afs are fixed by the method and NFE; "
-                           "register a new method to change them")
+        if hp["solver"] != self.solver or hp["num_steps"] != self.steps_for_nfe(nfe, hp["afs"]):
+            raise BadInput(f"{self.name}: solver and num_steps are fixed by the method, the NFE and afs; "
+                           "register a new method to change the solver")
         return hp
+
+    def display_name(self, hp: dict) -> str:
+        """``+ AFS`` when AFS is switched on for a solver that runs without it by default (the
+        paper's naming of AFS variants of solver baselines)."""
+        return f"{self.display} + AFS" if hp["afs"] and not self.afs else self.display
 
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
@@ -59,7 +77,7 @@ class SolverMethod(Method):
         extra = {"vp": getattr(ctx.suite, "discrete_vp", None)} if hp["schedule"] == "discrete" else {}
         sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"], **extra)
         options = {k: hp[k] for k in self.options}
-        sample = solvers.sampler(solvers.SOLVERS[self.solver], sigmas, afs=self.afs, **options)
+        sample = solvers.sampler(solvers.SOLVERS[self.solver], sigmas, afs=hp["afs"], **options)
         return Fitted(denoiser=ctx.teacher, sample=sample, nfe=ctx.nfe)
 
 
