@@ -144,6 +144,9 @@ def test_check_reports_improvements_without_failing():
     assert list(result["status"]) == ["improvement"] and not failed(result)
     assert failed(compare(better.assign(config_hash="other"), ref))
     assert failed(compare(better.iloc[0:0], ref))  # missing rows fail
+    extra = pd.concat([better, better.assign(method="new")])  # a method the reference does not know
+    result = compare(extra, ref)
+    assert failed(result) and list(result["status"]) == ["improvement", "no-reference"]
 
 
 def test_plot_fans_training_free_methods_out_and_keeps_configurations_apart():

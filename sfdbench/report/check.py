@@ -25,7 +25,8 @@ def tolerance(metric: str, ref_mean: float, ref_std: float) -> float:
 
 def compare(fresh: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, NFE, metric) present in the reference: means, delta, tolerance and
-    status in {ok, regression, improvement, missing, config-changed}."""
+    status in {ok, regression, improvement, missing, config-changed}, plus a ``no-reference`` row
+    for every fresh (method, NFE) the reference lacks."""
     rows = []
     metrics = [m for m in LOWER_IS_BETTER if m in reference]
     for (method, nfe), ref in reference.groupby(["method", "nfe"], sort=False):
@@ -47,9 +48,17 @@ def compare(fresh: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
                 status = "config-changed"
             rows.append(dict(method=method, nfe=nfe, metric=metric, reference=m, fresh=f, delta=f - m,
                              tolerance=tol, status=status))
+    # a fresh (method, NFE) without references is not checked at all: fail until they are committed
+    known = set(zip(reference["method"], reference["nfe"])) if not reference.empty else set()
+    if not fresh.empty:
+        for (method, nfe), new in fresh.groupby(["method", "nfe"], sort=False):
+            if (method, nfe) not in known:
+                rows.append(dict(method=method, nfe=nfe, metric="fid", reference=float("nan"),
+                                 fresh=new["fid"].mean(), delta=float("nan"), tolerance=float("nan"),
+                                 status="no-reference"))
     return pd.DataFrame(rows, columns=["method", "nfe", "metric", "reference", "fresh", "delta", "tolerance",
                                        "status"])
 
 
 def failed(comparison: pd.DataFrame) -> bool:
-    return bool(comparison["status"].isin(["regression", "missing", "config-changed"]).any())
+    return bool(comparison["status"].isin(["regression", "missing", "config-changed", "no-reference"]).any())

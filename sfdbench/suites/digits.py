@@ -88,7 +88,8 @@ class DigitsSuite(Suite):
             # (the paper: 10x). Measured on digits: SFD-v within ~10% of per-NFE SFD after 250 iterations.
             method_options={"sfd": {"iterations": 100, "batch": 128, "lr": 5e-4, "checkpoint_every": 25},
                             "sfd-v": {"iterations": 250}, "sfd-stage2": {"iterations": 500}},
-            check_grid=(GridEntry("ddim", (10,)), GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,))),
+            check_grid=(GridEntry("ddim", (10,)), GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,)),
+                        GridEntry("sfd-v", (2,)), GridEntry("sfd-stage2", (1,))),
         )
 
     def load_teacher(self, path=None, device="cpu") -> EDMPrecond:
