@@ -124,6 +124,27 @@ def run_ablation(suite: str, knob_name: str, nfes: list[int], seeds: list[int], 
     return collect(records, suite, k, nfes, variant_plans, notes, default, samples)
 
 
+def knob_names(text: str) -> list[str]:
+    """``all`` or a comma-separated list of knob names, each checked."""
+    names = list(KNOBS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise BadInput("--knob is empty; name one of " + ", ".join(KNOBS) + " or all")
+    for name in names:
+        knob(name)
+    return names
+
+
+def run_ablations(suite: str, names: list[str], nfes: list[int], seeds: list[int], samples: int, out: Path,
+                  overrides: dict | None = None, device: str = "cpu", force: bool = False) -> list[Ablation]:
+    """Several knobs in one go: every variant of every knob is validated before the first runs."""
+    from sfdbench.harness.runner import validate
+
+    for name in names:
+        for _, plan in plans(suite, name, nfes, seeds, samples, out, overrides, device, force)[1]:
+            validate(plan)
+    return [run_ablation(suite, name, nfes, seeds, samples, out, overrides, device, force) for name in names]
+
+
 def ablation_from_results(results: Path, suite: str, knob_name: str, nfes: list[int] | None = None,
                           overrides: dict | None = None, samples: int | None = None) -> Ablation:
     """The ablation table of records already under ``results`` (``sfdbench table --ablation``):
