@@ -137,10 +137,15 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
         return
     if nfe is not None or set_:
         raise BadInput("--nfe and --set go with --ablation")
+    from sfdbench.records import load_records
+    from sfdbench.report.tables import protocol_caption
+
     table = _suite_table(s.name, results or Path("results"), published)
+    records = load_records(results or Path("results"), s.name)
     caption = (f"{s.name}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
-               "published rows are the SFD paper's (A100 hours).")
-    print(render(table, fmt, caption=caption))
+               "published rows are the SFD paper's (A100 hours). "
+               + (protocol_caption(list(records["metric_protocol"])) if not records.empty else ""))
+    print(render(table, fmt, caption=caption.strip()))
 
 
 def _suite_table(suite: str, results: Path, published: bool = True):

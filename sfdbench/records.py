@@ -87,7 +87,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
                      "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
-                     "sample_grid": rec.get("sample_grid"), **rec.get("metrics", {}),
+                     "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
+                     **rec.get("metrics", {}),
                      "fine_tuning_hours": ft.get("device_hours", 0.0), "device": ft.get("device"),
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})

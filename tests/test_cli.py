@@ -34,6 +34,8 @@ def test_run_then_table_tiny_grid(cli, tmp_path):
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Method")]
     assert len(rows) == 3 and all("measured" in row for row in rows)
     assert "±" in table.stdout and "| SFD" in table.stdout and "| DPM-Solver++(3M)" in table.stdout
+    # the caption says how the metrics were computed, which precision/recall definition included
+    assert "precision/recall: knn: k-NN radii" in lines[-1] and "k = 5" in lines[-1]
     latex = cli("table", "--format", "latex", "--results", str(out))
     assert latex.returncode == 0 and "\\begin{tabular}" in latex.stdout and "$\\pm$" in latex.stdout
     csv = cli("table", "--format", "csv", "--results", str(out))

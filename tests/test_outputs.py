@@ -31,7 +31,7 @@ def test_paper_suite_tables_show_published_rows(cli):
     r = cli("table", "--suite", "cifar10", "--format", "markdown")
     assert r.returncode == 0, r.stderr
     assert "**Solver-based**" in r.stdout and "**Distillation**" in r.stdout
-    assert "| SFD-v" in r.stdout and "published" in r.stdout and "measured" not in r.stdout
+    assert "| SFD-v" in r.stdout and "published" in r.stdout and "| measured" not in r.stdout  # no measured rows
     assert cli("table", "--suite", "imagenet64", "--format", "csv").returncode == 0
 
 

@@ -5,6 +5,8 @@ Formats: LaTeX (booktabs), Markdown, CSV."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from sfdbench.errors import BadInput
@@ -129,6 +131,26 @@ def _view(table: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, list[str]]:
     return view, list(table["group"])
 
 
+def protocol_caption(protocols: list[dict]) -> str:
+    """One sentence on how the measured metrics were computed (feature space, reference set, which
+    precision/recall definition, k, KID subsets), from the records' metric protocols; a note when
+    the records disagree."""
+    distinct = {json.dumps(p, sort_keys=True) for p in protocols if p}
+    if not distinct:
+        return ""
+    p = json.loads(sorted(distinct)[0])
+    parts = [f"Metrics on {p.get('feature_extractor', '?')} features ({p.get('feature_dim', '?')}-d) against "
+             f"{p.get('n_reference', '?')} reference images"]
+    if "pr_definition" in p:
+        parts.append(f"precision/recall: {p['pr_definition']}, k = {p.get('prdc_k', '?')}")
+    if "kid_subsets" in p:
+        parts.append(f"KID: {p['kid_subsets']} subsets of {p.get('kid_subset_size', '?')}")
+    text = "; ".join(parts) + "."
+    if len(distinct) > 1:
+        text += f" Warning: the records use {len(distinct)} different metric protocols."
+    return text
+
+
 def render(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
     """Render a ``combine``/``summarize`` table in ``fmt`` (latex | markdown | csv)."""
     if fmt not in FORMATS:
@@ -142,7 +164,7 @@ def render(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
             part = view[[g == group for g in groups]]
             if not part.empty:
                 blocks.append(f"**{GROUPS[group]}**\n\n" + part.to_markdown(index=False))
-        return "\n\n".join(blocks)
+        return "\n\n".join(blocks) + (f"\n\n{caption}" if caption else "")
     return _latex(table, caption)
 
 
