@@ -357,7 +357,7 @@ def fid_ci_cmd(samples_path: Path = typer.Option(..., "--samples", help="an .npz
     point = fid_from_statistics(fid_statistics(features), reference.fid_stats())
     out.print(f"FID {point:.3f}, {level:.0%} CI [{low:.3f}, {high:.3f}] ({method} bootstrap, {n_boot} replicates "
               f"of {len(features)} samples, seed {seed}; bootstrap std {std:.3f}; {s.name} features)",
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 def _load_npz_images(path: Path, channels: int):
