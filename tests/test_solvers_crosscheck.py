@@ -222,22 +222,29 @@ def diffusers_heun(denoiser, latents, n: int, spacing: str) -> tuple[torch.Tenso
     return sigmas, torch.stack(states)
 
 
-def diffusers_dpm(denoiser, latents, num_steps: int, **config) -> tuple[torch.Tensor, torch.Tensor]:
-    """num_steps steps over num_steps + 1 distinct sigmas (final_sigmas_type="sigma_min")."""
-    config = {"prediction_type": "epsilon", "final_sigmas_type": "sigma_min", "thresholding": False, **config}
-    sched = DPMSolverMultistepScheduler(**config)
+def vp_multistep_scheduler(scheduler_cls, num_steps: int, **config):
+    """A diffusers multistep scheduler set to ``num_steps`` steps over num_steps + 1 distinct sigmas
+    (read back in float64), and the VP<->VE scale sqrt(1 + sigma^2) at each of them."""
+    sched = scheduler_cls(**config)
     sched.set_timesteps(num_steps)
     sched.set_begin_index(0)
     sigmas = float64_sigmas(sched)
     assert len(sigmas) == num_steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all())
+    return sched, sigmas, torch.sqrt(1 + sigmas**2)
+
+
+def diffusers_dpm(denoiser, latents, num_steps: int, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_steps steps over num_steps + 1 distinct sigmas (final_sigmas_type="sigma_min")."""
+    config = {"prediction_type": "epsilon", "final_sigmas_type": "sigma_min", "thresholding": False, **config}
+    sched, sigmas, vp_scale = vp_multistep_scheduler(DPMSolverMultistepScheduler, num_steps, **config)
     x_ve = latents * sigmas[0]
-    x_vp = x_ve / torch.sqrt(1 + sigmas[0] ** 2)
+    x_vp = x_ve / vp_scale[0]
     states = [x_ve]
     for k, t in enumerate(sched.timesteps):
-        x_ve = x_vp * torch.sqrt(1 + sigmas[k] ** 2)
+        x_ve = x_vp * vp_scale[k]
         x_vp = sched.step(eps_model(denoiser, x_ve, sigmas[k]), t, x_vp).prev_sample
         assert sched.step_index == k + 1 and x_vp.dtype == DTYPE
-        states.append(x_vp * torch.sqrt(1 + sigmas[k + 1] ** 2))
+        states.append(x_vp * vp_scale[k + 1])
     return sigmas, torch.stack(states)
 
 
@@ -427,12 +434,7 @@ def diffusers_unipc(denoiser, latents, num_steps: int, **config) -> tuple[torch.
     """num_steps steps over num_steps + 1 distinct sigmas; VE states: the corrected x_k (the
     scheduler's ``last_sample`` after the step call at k) and the uncorrected final state."""
     config = {"prediction_type": "epsilon", "final_sigmas_type": "sigma_min", "thresholding": False, **config}
-    sched = UniPCMultistepScheduler(**config)
-    sched.set_timesteps(num_steps)
-    sched.set_begin_index(0)
-    sigmas = float64_sigmas(sched)
-    assert len(sigmas) == num_steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all())
-    vp_scale = torch.sqrt(1 + sigmas**2)
+    sched, sigmas, vp_scale = vp_multistep_scheduler(UniPCMultistepScheduler, num_steps, **config)
     x_vp = latents * sigmas[0] / vp_scale[0]
     states = [latents * sigmas[0]]
     for k, t in enumerate(sched.timesteps):
@@ -488,12 +490,7 @@ def test_unipc_order_rule_differs_at_two_steps_order_three():
 
 def diffusers_deis(denoiser, latents, num_steps: int, **config) -> tuple[torch.Tensor, torch.Tensor]:
     config = {"prediction_type": "epsilon", "lower_order_final": False, **config}
-    sched = DEISMultistepScheduler(**config)
-    sched.set_timesteps(num_steps)
-    sched.set_begin_index(0)
-    sigmas = float64_sigmas(sched)
-    assert len(sigmas) == num_steps + 1 and bool((sigmas[1:] < sigmas[:-1]).all())
-    vp_scale = torch.sqrt(1 + sigmas**2)
+    sched, sigmas, vp_scale = vp_multistep_scheduler(DEISMultistepScheduler, num_steps, **config)
     x_vp = latents * sigmas[0] / vp_scale[0]
     states = [latents * sigmas[0]]
     for k, t in enumerate(sched.timesteps):
