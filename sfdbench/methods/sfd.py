@@ -385,6 +385,16 @@ class SFDMethod(Method):
         return load_fitted(final, ctx.teacher, ctx.device)
 
 
+def check_loop_settings(name: str, hp: dict, counts: tuple[str, ...]) -> None:
+    """What ``train_loop`` needs of every fine-tuning method: a known precision and the ``counts``
+    (iterations, batch, ...) integers >= 1."""
+    if hp["precision"] not in PRECISIONS:
+        raise BadInput(f"{name}: precision {hp['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    for key in counts:
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
+            raise BadInput(f"{name}: {key} must be an integer >= 1, got {hp[key]!r}")
+
+
 def check_training_hyperparameters(name: str, hp: dict) -> None:
     """One clear line for a hyperparameter value that cannot work (exit 2 before anything runs)."""
     if hp["teacher_solver"] not in TEACHER_SOLVERS:
@@ -393,13 +403,9 @@ def check_training_hyperparameters(name: str, hp: dict) -> None:
         raise BadInput(f"{name}: loss {hp['loss']!r} is not one of {', '.join(LOSSES)}")
     if hp["loss"] == "lpips" and lpips_loss()[0] is None:
         raise BadInput(f"{name}: loss 'lpips' is unavailable here: {lpips_loss()[1]}; use l1 or l2")
-    if hp["precision"] not in PRECISIONS:
-        raise BadInput(f"{name}: precision {hp['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if not isinstance(hp["afs"], bool):
         raise BadInput(f"{name}: afs must be true or false, got {hp['afs']!r}")
-    for key in ("M", "iterations", "batch", "checkpoint_every"):
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
-            raise BadInput(f"{name}: {key} must be an integer >= 1, got {hp[key]!r}")
+    check_loop_settings(name, hp, ("M", "iterations", "batch", "checkpoint_every"))
     if not 0 < hp["sigma_min"] < hp["sigma_max"]:
         raise BadInput(f"{name}: need 0 < sigma_min < sigma_max, got {hp['sigma_min']}, {hp['sigma_max']}")
     if hp["teacher_solver"] == "ipndm" and not 1 <= hp["max_order"] <= 4:

@@ -30,7 +30,7 @@ from sfdbench.harness.accounting import Accounting
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
 from sfdbench.methods.sfd import (
-    PRECISIONS,
+    check_loop_settings,
     fit_done,
     load_fitted,
     load_student,
@@ -102,11 +102,7 @@ class SFDStage2Method(Method):
                            "stage's settings on sfd-v (e.g. --set sfd-v.rho=5)")
         if hp["loss"] not in LOSSES:
             raise BadInput(f"{self.name}: loss must be one of {', '.join(LOSSES)}, got {hp['loss']!r}")
-        if hp["precision"] not in PRECISIONS:
-            raise BadInput(f"{self.name}: precision {hp['precision']!r} is not one of {', '.join(PRECISIONS)}")
-        for key in ("iterations", "batch", "checkpoint_every"):
-            if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
-                raise BadInput(f"{self.name}: {key} must be an integer >= 1, got {hp[key]!r}")
+        check_loop_settings(self.name, hp, ("iterations", "batch", "checkpoint_every"))
         return hp
 
     def fit(self, ctx: FitContext) -> Fitted:
