@@ -140,23 +140,25 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
     from sfdbench.records import load_records
     from sfdbench.report.tables import protocol_caption
 
-    table = _suite_table(s.name, results or Path("results"), published)
-    records = load_records(results or Path("results"), s.name)
+    results = results or Path("results")
+    records = load_records(results, s.name)
+    table = _suite_table(s.name, records, results, published)
     caption = (f"{s.name}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
                "published rows are the SFD paper's (A100 hours). "
                + (protocol_caption(list(records["metric_protocol"])) if not records.empty else ""))
     print(render(table, fmt, caption=caption.strip()))
 
 
-def _suite_table(suite: str, results: Path, published: bool = True):
-    """Measured + published rows of ``suite``; bad input when there is nothing to show."""
+def _suite_table(suite: str, records, results: Path, published: bool = True):
+    """Measured rows (from ``records``, loaded from ``results``) + published rows of ``suite``; bad
+    input when there is nothing to show."""
+    import pandas as pd
+
     from sfdbench.baselines import load_published
-    from sfdbench.records import load_records
     from sfdbench.report.tables import combine, published_rows, summarize
 
-    measured = summarize(load_records(results, suite))
-    paper = published_rows(load_published(suite)) if published else summarize(load_records(Path("/nonexistent"),
-                                                                                           suite))
+    measured = summarize(records)
+    paper = published_rows(load_published(suite) if published else pd.DataFrame())
     if measured.empty and paper.empty:
         raise BadInput(f"no {suite} records under {results} and no published rows; run `sfdbench run --suite {suite}`")
     return combine(measured, paper)
@@ -169,12 +171,13 @@ def plot_cmd(suite: str = typer.Option("digits"),
                                                  "(default RESULTS/SUITE/plots)"),
              published: bool = typer.Option(True, help="draw the paper's published points (hollow)")):
     """FID vs fine-tuning time (log x, device-hours): PNG + PDF."""
+    from sfdbench.records import load_records
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
     target = out_dir or results / s.name / "plots"
     _check_writable_dir(target)
-    paths = _write_plot(s.name, _suite_table(s.name, results, published), target)
+    paths = _write_plot(s.name, _suite_table(s.name, load_records(results, s.name), results, published), target)
     out.print("wrote " + ", ".join(map(str, paths)))
 
 
@@ -214,13 +217,13 @@ def report_cmd(suite: str = typer.Option("digits"),
     if target.suffix != ".html":
         raise BadInput(f"--out {target} must end in .html")
     _check_writable_dir(target.parent)
-    table = _suite_table(s.name, results)
+    records = load_records(results, s.name)
+    table = _suite_table(s.name, records, results)
     plot_png = _write_plot(s.name, table, results / s.name / "plots")[0] if (results / s.name).is_dir() else None
     if plot_png is None:
         import tempfile
 
         plot_png = _write_plot(s.name, table, Path(tempfile.mkdtemp()))[0]
-    records = load_records(results, s.name)
     grids, metadata = [], {"suite": s.name, "description": s.description}
     if not records.empty:
         from sfdbench.report.tables import variant_displays

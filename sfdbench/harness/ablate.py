@@ -113,15 +113,7 @@ def run_ablation(suite: str, knob_name: str, nfes: list[int], seeds: list[int], 
                  overrides: dict | None = None, device: str = "cpu", force: bool = False,
                  teacher: Path | None = None) -> Ablation:
     """Validate every variant first (nothing is written when one is bad), then run them in order."""
-    from sfdbench.harness.runner import run, validate
-    from sfdbench.records import read_record
-
-    k, variant_plans, notes, default = plans(suite, knob_name, nfes, seeds, samples, out, overrides, device, force,
-                                             teacher)
-    for _, plan in variant_plans:
-        validate(plan)
-    records = [r for _, plan in variant_plans for r in (read_record(p) for p in run(plan)) if r is not None]
-    return collect(records, suite, k, nfes, variant_plans, notes, default, samples)
+    return run_ablations(suite, [knob_name], nfes, seeds, samples, out, overrides, device, force, teacher)[0]
 
 
 def knob_names(text: str) -> list[str]:
@@ -135,14 +127,21 @@ def knob_names(text: str) -> list[str]:
 
 
 def run_ablations(suite: str, names: list[str], nfes: list[int], seeds: list[int], samples: int, out: Path,
-                  overrides: dict | None = None, device: str = "cpu", force: bool = False) -> list[Ablation]:
+                  overrides: dict | None = None, device: str = "cpu", force: bool = False,
+                  teacher: Path | None = None) -> list[Ablation]:
     """Several knobs in one go: every variant of every knob is validated before the first runs."""
-    from sfdbench.harness.runner import validate
+    from sfdbench.harness.runner import run, validate
+    from sfdbench.records import read_record
 
-    for name in names:
-        for _, plan in plans(suite, name, nfes, seeds, samples, out, overrides, device, force)[1]:
+    planned = [plans(suite, name, nfes, seeds, samples, out, overrides, device, force, teacher) for name in names]
+    for _, variant_plans, _, _ in planned:
+        for _, plan in variant_plans:
             validate(plan)
-    return [run_ablation(suite, name, nfes, seeds, samples, out, overrides, device, force) for name in names]
+    ablations = []
+    for k, variant_plans, notes, default in planned:
+        records = [r for _, plan in variant_plans for r in (read_record(p) for p in run(plan)) if r is not None]
+        ablations.append(collect(records, suite, k, nfes, variant_plans, notes, default, samples))
+    return ablations
 
 
 def ablation_from_results(results: Path, suite: str, knob_name: str, nfes: list[int] | None = None,
