@@ -118,6 +118,7 @@ def test_one_model_for_every_nfe(teacher, tmp_path):
     assert hp["iterations"] == 8 and hp["M"] == 3 and hp["teacher_solver"] == "dpmpp" and "num_steps" not in hp
     drawn = step_counts(8)
     assert fit["num_steps_drawn"] == {str(n): c for n, c in sorted(Counter(drawn).items())}
+    assert all(f.info["num_steps_drawn"] == fit["num_steps_drawn"] for f in fits.values())  # in every record
     # teacher DPM-Solver++ without AFS on N_T = 4(N-1)+1 timestamps: 4(N-1) evaluations per trajectory
     assert fit["teacher_evaluations"] == 4 * sum(4 * (n - 1) for n in drawn)
     assert fit["includes_teacher_trajectories"] and fit["teacher_trajectories"] == 8 * 4

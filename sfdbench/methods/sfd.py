@@ -296,6 +296,9 @@ def load_student(path: Path, device) -> tuple[EDMPrecond, dict]:
 
 INFO_KEYS = ("bad_gradients", "nan_loss_iterations", "includes_teacher_trajectories", "teacher_trajectories",
              "teacher_evaluations", "device", "devices", "precision", "fp16_fallback_iteration")
+# written by SFD-v (the N drawn) and the second stage (its first stage and the cost split) only
+OPTIONAL_INFO_KEYS = ("num_steps_drawn", "first_stage_model", "fine_tuning_first_stage", "fine_tuning_second_stage",
+                      "teacher_trajectories_first_stage")
 
 
 def load_fitted(path: Path, teacher: EDMPrecond, device, nfe: int | None = None) -> Fitted:
@@ -323,7 +326,7 @@ def load_fitted(path: Path, teacher: EDMPrecond, device, nfe: int | None = None)
     fit_json = Path(path).parent / "fit.json"
     fit = json.loads(fit_json.read_text()) if fit_json.is_file() else {}
     info = {"sampling": s, "loss": fit.get("loss") or meta.get("hyperparameters", {}).get("loss"),
-            **{k: fit.get(k) for k in INFO_KEYS}}
+            **{k: fit.get(k) for k in INFO_KEYS}, **{k: fit[k] for k in OPTIONAL_INFO_KEYS if k in fit}}
     return Fitted(denoiser=student, sample=sample, nfe=s["nfe"], fine_tuning=fit.get("fine_tuning"), info=info)
 
 

@@ -111,11 +111,7 @@ class SFDStage2Method(Method):
             first_model = self.first_stage().ensure_model(ctx.suite, ctx.teacher, ctx.workdir.parent, ctx.device,
                                                           ctx.progress)
             train_stage2(ctx, hp, first_model)
-        fitted = load_fitted(ctx.workdir / "model.safetensors", ctx.teacher, ctx.device)
-        fit = json.loads((ctx.workdir / "fit.json").read_text())
-        fitted.info.update({k: fit.get(k) for k in ("first_stage_model", "fine_tuning_first_stage",
-                                                    "fine_tuning_second_stage", "teacher_trajectories_first_stage")})
-        return fitted
+        return load_fitted(ctx.workdir / "model.safetensors", ctx.teacher, ctx.device)
 
 
 def resolve_loss(kind: str):

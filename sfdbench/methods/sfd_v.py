@@ -173,9 +173,7 @@ class SFDVMethod(SFDMethod):
         self.hyperparameters(ctx.suite, ctx.nfe)  # bad input fails before any training
         model = self.ensure_model(ctx.suite, ctx.teacher, ctx.workdir.parent, ctx.device, ctx.progress)
         fitted = load_fitted(model, ctx.teacher, ctx.device, nfe=ctx.nfe)
-        fitted.info.update({"shared_model": str(model), "one_model_all_nfes": True,
-                            "num_steps_drawn": json.loads((model.parent / "fit.json").read_text()).get(
-                                "num_steps_drawn")})
+        fitted.info.update({"shared_model": str(model), "one_model_all_nfes": True})
         # a pointer in this NFE's own folder, so every fits/ entry says where its model is
         atomic_write_bytes(ctx.workdir / "shared.json",
                            (json.dumps({"shared_model": str(model), "nfe": ctx.nfe}, indent=2) + "\n").encode())
