@@ -24,24 +24,17 @@ def _command_line() -> str:
     return "sfdbench " + shlex.join(sys.argv[1:])
 
 
-def _require_digits(suite: str) -> None:
-    from sfdbench.suites import get_suite
-
-    if get_suite(suite).name != "digits":
-        raise BadInput(f"suite {suite!r} ships no trainable teacher; only 'digits' does")
-
-
 @teacher_app.command("train")
 def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                   iterations: int = typer.Option(4500), batch: int = typer.Option(128), seed: int = typer.Option(0)):
-    """Train the digits EDM teacher (EDM loss, EMA) and write safetensors + JSON."""
-    _require_digits(suite)
-    from sfdbench.harness.training import train_digits_teacher
+    """Train an embedded suite's EDM teacher (EDM loss, EMA) and write safetensors + JSON."""
+    from sfdbench.harness.progress import progress_bar
     from sfdbench.networks.checkpoint import save_weights
-    from sfdbench.suites.digits import TEACHER_WEIGHTS
+    from sfdbench.suites import get_suite
 
-    target = _writable_file(out_path or TEACHER_WEIGHTS)
-    net, meta = train_digits_teacher(iterations=iterations, batch=batch, seed=seed)
+    s = get_suite(suite)
+    target = _writable_file(out_path or s.teacher_weights_path())
+    net, meta = s.train_teacher(iterations=iterations, batch=batch, seed=seed, progress=progress_bar)
     meta["command"] = _command_line()
     save_weights(net, target, meta)
     out.print(f"wrote {target} (loss {meta['final_loss_ema']:.4f}, {meta['wall_seconds']:.0f} s)")
@@ -50,14 +43,14 @@ def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = t
 @features_app.command("train")
 def features_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                    epochs: int = typer.Option(60), seed: int = typer.Option(0)):
-    """Train the digits feature CNN and write safetensors + JSON (reports held-out accuracy)."""
-    _require_digits(suite)
-    from sfdbench.harness.training import train_digits_classifier
+    """Train an embedded suite's feature CNN and write safetensors + JSON (reports held-out accuracy)."""
+    from sfdbench.harness.progress import progress_bar
     from sfdbench.networks.checkpoint import save_weights
-    from sfdbench.suites.digits import FEATURE_WEIGHTS
+    from sfdbench.suites import get_suite
 
-    target = _writable_file(out_path or FEATURE_WEIGHTS)
-    net, meta = train_digits_classifier(epochs=epochs, seed=seed)
+    s = get_suite(suite)
+    target = _writable_file(out_path or s.feature_weights_path())
+    net, meta = s.train_features(epochs=epochs, seed=seed, progress=progress_bar)
     meta["command"] = _command_line()
     save_weights(net, target, meta)
     out.print(f"wrote {target} (held-out accuracy {meta['test_accuracy']:.4f})")
@@ -79,6 +72,18 @@ def _name_list(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
 
+def _float_list(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise BadInput(f"{what} is empty")
+    return values
+
+
 @app.command("run")
 def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench suites`)"),
             methods: str | None = typer.Option(None, help="comma-separated methods; default: the suite's grid"),
@@ -89,6 +94,10 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's"),
             device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
             force: bool = typer.Option(False, help="rerun records that already exist"),
+            guidance: str | None = typer.Option(None, help="comma-separated classifier-free guidance scales for "
+                                                "every entry (conditional suites; 1 = none, 2 network calls per "
+                                                "guided step); default: the grid's"),
+            grid: str = typer.Option("default", help="default | full (every method at every listed NFE)"),
             set_: list[str] | None = typer.Option(None, "--set", help="METHOD.KEY=VALUE hyperparameter override "
                                                       "(repeatable), e.g. --set sfd.iterations=200")):
     """Fit -> sample -> evaluate a grid of (method, NFE, seed); one JSON record each."""
@@ -98,10 +107,12 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
-    plan = RunPlan(suite=s.name, grid=default_grid(s.name, _name_list(methods), _int_list(nfe, "--nfe")),
+    plan = RunPlan(suite=s.name, grid=default_grid(s.name, _name_list(methods), _int_list(nfe, "--nfe"),
+                                                   _float_list(guidance, "--guidance"), grid),
                    seeds=_int_list(seeds, "--seeds") or list(s.default_seeds),
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
-                   teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []))
+                   teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
+                   command=_command_line())
     start = time.perf_counter()
     paths = run(plan)
     out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
@@ -128,8 +139,9 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
         raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     s = get_suite(suite)
     if ablation is not None:
-        from sfdbench.harness.ablate import ablation_from_results, render_ablation
+        from sfdbench.harness.ablate import ablation_from_results
         from sfdbench.harness.runner import parse_overrides
+        from sfdbench.report.ablation import render_ablation
 
         ab = ablation_from_results(results or Path("results/ablate"), s.name, ablation, _int_list(nfe, "--nfe") or None,
                                    parse_overrides(set_ or []))
@@ -138,30 +150,11 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
     if nfe is not None or set_:
         raise BadInput("--nfe and --set go with --ablation")
     from sfdbench.records import load_records
-    from sfdbench.report.tables import protocol_caption
+    from sfdbench.report.assemble import suite_table, table_caption
 
     results = results or Path("results")
     records = load_records(results, s.name)
-    table = _suite_table(s.name, records, results, published)
-    caption = (f"{s.name}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
-               "published rows are the SFD paper's (A100 hours). "
-               + (protocol_caption(list(records["metric_protocol"])) if not records.empty else ""))
-    print(render(table, fmt, caption=caption.strip()))
-
-
-def _suite_table(suite: str, records, results: Path, published: bool = True):
-    """Measured rows (from ``records``, loaded from ``results``) + published rows of ``suite``; bad
-    input when there is nothing to show."""
-    import pandas as pd
-
-    from sfdbench.baselines import load_published
-    from sfdbench.report.tables import combine, published_rows, summarize
-
-    measured = summarize(records)
-    paper = published_rows(load_published(suite) if published else pd.DataFrame())
-    if measured.empty and paper.empty:
-        raise BadInput(f"no {suite} records under {results} and no published rows; run `sfdbench run --suite {suite}`")
-    return combine(measured, paper)
+    print(render(suite_table(s.name, records, results, published), fmt, caption=table_caption(s.name, records)))
 
 
 @app.command("plot")
@@ -172,33 +165,14 @@ def plot_cmd(suite: str = typer.Option("digits"),
              published: bool = typer.Option(True, help="draw the paper's published points (hollow)")):
     """FID vs fine-tuning time (log x, device-hours): PNG + PDF."""
     from sfdbench.records import load_records
+    from sfdbench.report.assemble import suite_table, write_plot
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
     target = out_dir or results / s.name / "plots"
     _check_writable_dir(target)
-    paths = _write_plot(s.name, _suite_table(s.name, load_records(results, s.name), results, published), target)
+    paths = write_plot(s.name, suite_table(s.name, load_records(results, s.name), results, published), target)
     out.print("wrote " + ", ".join(map(str, paths)))
-
-
-def _write_plot(suite: str, table, target: Path) -> list[Path]:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from sfdbench.networks.checkpoint import atomic_write_bytes
-    from sfdbench.report.plots import fid_vs_finetuning
-
-    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time")
-    paths = []
-    for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, bbox_inches="tight")
-        path = Path(target) / f"fid_vs_finetuning.{ext}"
-        atomic_write_bytes(path, buf.getvalue())
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 @app.command("report")
@@ -207,9 +181,8 @@ def report_cmd(suite: str = typer.Option("digits"),
                out_path: Path | None = typer.Option(None, "--out",
                                                     help="HTML file (default RESULTS/SUITE/report.html)")):
     """One static HTML file (tables, plot, sample grids, run metadata) that opens offline."""
-    from sfdbench.networks.checkpoint import atomic_write_bytes
-    from sfdbench.records import load_records, read_record
-    from sfdbench.report.html import report_html
+    from sfdbench.records import load_records
+    from sfdbench.report.assemble import write_report
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
@@ -217,31 +190,7 @@ def report_cmd(suite: str = typer.Option("digits"),
     if target.suffix != ".html":
         raise BadInput(f"--out {target} must end in .html")
     _check_writable_dir(target.parent)
-    records = load_records(results, s.name)
-    table = _suite_table(s.name, records, results)
-    plot_png = _write_plot(s.name, table, results / s.name / "plots")[0] if (results / s.name).is_dir() else None
-    if plot_png is None:
-        import tempfile
-
-        plot_png = _write_plot(s.name, table, Path(tempfile.mkdtemp()))[0]
-    grids, metadata = [], {"suite": s.name, "description": s.description}
-    if not records.empty:
-        from sfdbench.report.tables import variant_displays
-
-        records["display"] = variant_displays(records)
-        for (display, nfe), part in records.groupby(["display", "nfe"], sort=False):
-            # the grid lies next to the records, whatever the folder was called when they were written
-            named = part["sample_grid"].dropna()
-            path = results / s.name / "grids" / Path(named.iloc[0]).name if not named.empty else None
-            if path is not None and path.is_file():
-                grids.append((f"{display}, NFE {nfe}", path))
-        first = read_record(Path(records["path"].iloc[-1])) or {}
-        metadata.update({"records": len(records), "seeds": sorted(set(records["seed"])),
-                         "samples per record": sorted(set(records["n_samples"].dropna().astype(int))),
-                         "metric protocol": first.get("metric_protocol"), "versions": first.get("versions"),
-                         "git revision": first.get("git_revision"), "last run ended": first.get("ended_at"),
-                         "fine-tuning devices": sorted(set(records["device"].dropna()))})
-    atomic_write_bytes(target, report_html(s.name, table, plot_png, grids, metadata).encode())
+    write_report(s, load_records(results, s.name), results, target)
     out.print(f"wrote {target}")
 
 
@@ -266,8 +215,8 @@ def check_cmd(suite: str = typer.Option("digits"),
     if not s.check_grid:
         raise BadInput(f"suite {s.name!r} has no check grid")
     if run_grid:
-        run(RunPlan(suite=s.name, grid=[(e.method, n) for e in s.check_grid for n in e.nfes],
-                    seeds=list(s.check_seeds), samples=s.check_samples, out=results))
+        run(RunPlan(suite=s.name, grid=[(e.method, n, e.guidance) for e in s.check_grid for n in e.nfes],
+                    seeds=list(s.check_seeds), samples=s.check_samples, out=results, command=_command_line()))
     fresh = load_records(results, s.name)
     if update_reference:
         target = records_dir(reference, s.name)
@@ -282,13 +231,14 @@ def check_cmd(suite: str = typer.Option("digits"),
     if ref.empty:
         raise BadInput(f"no reference records in {records_dir(reference, s.name)}; create them with --update-reference")
     comparison = compare(fresh, ref)
-    table = Table("method", "NFE", "metric", "reference", "fresh", "delta", "tolerance", "status",
+    table = Table("method", "NFE", "guidance", "metric", "reference", "fresh", "delta", "tolerance", "status",
                   title=f"sfdbench check: {s.name}")
     colors = {"ok": "green", "improvement": "cyan"}
     for _, r in comparison.iterrows():
         color = colors.get(r["status"], "red")
-        table.add_row(r["method"], str(r["nfe"]), r["metric"], f"{r['reference']:.3f}", f"{r['fresh']:.3f}",
-                      f"{r['delta']:+.3f}", f"{r['tolerance']:.3f}", f"[{color}]{r['status']}[/{color}]")
+        table.add_row(r["method"], str(r["nfe"]), f"{r['guidance']:g}", r["metric"], f"{r['reference']:.3f}",
+                      f"{r['fresh']:.3f}", f"{r['delta']:+.3f}", f"{r['tolerance']:.3f}",
+                      f"[{color}]{r['status']}[/{color}]")
     out.print(table)
     if failed(comparison):
         out.print("[red]regression: a metric moved beyond its tolerance (or a configuration changed; "
@@ -304,11 +254,12 @@ def suites_cmd():
 
     from sfdbench.suites import get_suite, suite_names
 
-    table = Table("suite", "image", "default grid", "description")
+    table = Table("suite", "latent", "default grid", "description")
     for name in suite_names():
         s = get_suite(name)
-        grid = "; ".join(f"{e.method} {','.join(map(str, e.nfes))}" for e in s.default_grid)
-        table.add_row(name, "x".join(map(str, s.image_shape)), grid, s.description)
+        grid = "; ".join(f"{e.method} {','.join(map(str, e.nfes))}" + (f" (w={e.guidance:g})" if e.guidance else "")
+                         for e in s.default_grid)
+        table.add_row(name, "x".join(map(str, s.latent_shape)), grid, s.description)
     out.print(table)
 
 
@@ -330,7 +281,8 @@ def assets_cmd():
     """List the real suites' downloadable assets: URL, cache path, present or missing."""
     from rich.table import Table
 
-    from sfdbench.suites.assets import cache_dir, status
+    from sfdbench.io import cache_dir
+    from sfdbench.suites.assets import status
 
     table = Table("asset", "present", "path", "url", title=f"cache: {cache_dir()} (set SFDBENCH_CACHE to move it)")
     for _key, asset, present in status():
@@ -355,7 +307,7 @@ def fid_ci_cmd(samples_path: Path = typer.Option(..., "--samples", help="an .npz
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
-    features, reference = s.fid_features_and_reference(_load_npz_images(samples_path, s.image_shape[0]))
+    features, reference = s.fid_features_and_reference(_load_npz_images(samples_path, s.image_channels))
     low, high, std = bootstrap_fid(features, reference, n_boot=n_boot, seed=seed, level=level, method=method)
     point = fid_from_statistics(fid_statistics(features), reference.fid_stats())
     out.print(f"FID {point:.3f}, {level:.0%} CI [{low:.3f}, {high:.3f}] ({method} bootstrap, {n_boot} replicates "
@@ -392,6 +344,9 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
                out_path: Path = typer.Option(Path("samples.png"), "--out", help=".png grid or .npz of uint8"),
                nfe: int | None = typer.Option(None, help="NFE for a model trained on several (SFD-v: 2-5); "
                                                           "default: the model's own"),
+               guidance: float = typer.Option(1.0, help="classifier-free guidance scale (conditional suites)"),
+               teacher: Path | None = typer.Option(None, help="the teacher the model was distilled from, when "
+                                                   "not the suite's own"),
                device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda")):
     """Sample a distilled model at its NFE (or, for SFD-v, at --nfe); write a PNG grid or an npz of
     uint8 images."""
@@ -399,10 +354,10 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
 
     import numpy as np
 
+    from sfdbench.harness.runner import check_guidance
     from sfdbench.harness.sampling import generate
-    from sfdbench.methods.sfd import load_fitted
-    from sfdbench.metrics.images import to_uint8
-    from sfdbench.networks.checkpoint import atomic_write_bytes
+    from sfdbench.io import atomic_write_bytes
+    from sfdbench.methods import load_model
     from sfdbench.suites import get_suite
 
     if out_path.suffix not in (".png", ".npz"):
@@ -411,9 +366,9 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
         raise BadInput("--samples must be at least 1")
     _check_writable_dir(out_path.parent)
     s = get_suite(suite)
-    fitted = load_fitted(model, s.load_teacher(device=device), device, nfe=nfe)
-    images, stats = generate(fitted, seed, samples, s.image_shape, device=device)
-    u8 = to_uint8(images)
+    check_guidance(s, guidance)
+    fitted = load_model(model, s, s.load_teacher(teacher, device=device), device, nfe=nfe)
+    u8, _, stats = generate(fitted, s, seed, samples, device=device, guidance=guidance)
     buf = io.BytesIO()
     if out_path.suffix == ".npz":
         np.savez(buf, images=u8.numpy())
@@ -423,7 +378,8 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
         torchvision.utils.save_image(u8.float() / 255.0, buf, format="png", nrow=int(samples**0.5 + 0.999),
                                      padding=1)
     atomic_write_bytes(out_path, buf.getvalue())
-    out.print(f"wrote {samples} samples at NFE {stats['nfe_counted']:g} to {out_path}")
+    out.print(f"wrote {samples} samples at NFE {stats['sampler_nfe']:g} ({stats['nfe_counted']:g} network "
+              f"evaluations per sample) to {out_path}")
 
 
 @app.command("ablate")
@@ -444,8 +400,9 @@ def ablate_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdben
                                                          "variant (repeatable), e.g. --set sfd.iterations=50")):
     """SFD ablation of one knob or several (the paper's Table 1): one `sfd` run per value, then
     per knob a table of FID mean ± std and fine-tuning device-hours per NFE."""
-    from sfdbench.harness.ablate import FORMATS, knob_names, render_ablation, run_ablations
+    from sfdbench.harness.ablate import knob_names, run_ablations
     from sfdbench.harness.runner import parse_overrides
+    from sfdbench.report.ablation import FORMATS, render_ablation
     from sfdbench.suites import get_suite
 
     if fmt not in FORMATS:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sfdbench.networks.checkpoint import atomic_write_bytes
+from sfdbench.io import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 
@@ -26,10 +26,17 @@ CONFIG_FIELDS = ("suite", "method", "nfe", "hyperparameters", "teacher", "n_samp
                  "schema_version")
 
 
+def guidance_scale(record: dict) -> float:
+    """A record's classifier-free-guidance scale (1 = unguided, also for records that predate guidance)."""
+    return float((record.get("guidance") or {}).get("scale", 1.0))
+
+
 def variant_hash(record: dict) -> str:
     """The hash of a record's configuration without its seed: records that differ only in seed
-    share it, and are the ones a table averages."""
-    return config_hash({k: record.get(k) for k in CONFIG_FIELDS})
+    share it, and are the ones a table averages. (Guidance enters only when it is not 1, as in the
+    config hash the runner writes.)"""
+    scale = guidance_scale(record)
+    return config_hash({**{k: record.get(k) for k in CONFIG_FIELDS}, **({"guidance": scale} if scale != 1.0 else {})})
 
 
 def records_dir(out: Path, suite: str) -> Path:
@@ -45,7 +52,7 @@ def write_record(path: Path, record: dict) -> None:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def git_revision() -> str | None:
@@ -86,6 +93,7 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
         rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
+                     "guidance": guidance_scale(rec), "nfe_counted": rec.get("nfe_counted"),
                      "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
                      **rec.get("metrics", {}),

@@ -9,7 +9,8 @@ import pytest
 
 from sfdbench.errors import BadInput
 from sfdbench.harness import ablate
-from sfdbench.harness.ablate import KNOBS, Ablation, plans, render_ablation
+from sfdbench.harness.ablate import KNOBS, Ablation, plans
+from sfdbench.report.ablation import render_ablation
 from sfdbench.harness.runner import RunPlan, make_suite
 from sfdbench.methods import get_method
 

@@ -18,6 +18,6 @@ def test_cuda_samples_match_cpu(name, nfe, tmp_path):
     for device in ("cpu", "cuda"):
         fitted = get_method(name).fit(FitContext(suite=suite, teacher=suite.load_teacher(device=device), nfe=nfe,
                                                  workdir=tmp_path, device=torch.device(device)))
-        images[device], stats = generate(fitted, 0, 64, suite.image_shape, device=device)
+        images[device], _, stats = generate(fitted, suite, 0, 64, device=device)
         assert stats["nfe_counted"] == nfe
-    torch.testing.assert_close(images["cuda"], images["cpu"], rtol=1e-3, atol=1e-3)
+    assert (images["cuda"].int() - images["cpu"].int()).abs().max() <= 1

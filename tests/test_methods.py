@@ -35,7 +35,7 @@ def test_nfe_counted_equals_declared(name, suite, teacher, tmp_path):
     for nfe in checked:
         fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=tmp_path / f"{name}-{nfe}"))
         counter = CountingDenoiser(fitted.denoiser)
-        latents = torch.randn(3, *suite.image_shape)
+        latents = torch.randn(3, *suite.latent_shape)
         with torch.no_grad():
             out = fitted.sample(counter, latents)
         assert out.shape == latents.shape and torch.isfinite(out).all()
@@ -82,7 +82,7 @@ def test_afs_can_be_switched_on_for_any_solver(name, nfe, steps, teacher):
     fitted = method.fit(FitContext(suite=s, teacher=teacher, nfe=nfe, workdir=None))
     counter = CountingDenoiser(fitted.denoiser)
     with torch.no_grad():
-        fitted.sample(counter, torch.randn(2, *s.image_shape))
+        fitted.sample(counter, torch.randn(2, *s.latent_shape))
     assert counter.calls == nfe
 
 

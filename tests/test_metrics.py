@@ -56,9 +56,9 @@ def test_suite_fid_is_small_for_real_and_large_for_noise():
 
 
 def test_feature_network_accuracy_on_held_out_digits():
-    from sfdbench.harness.training import classifier_accuracy
     from sfdbench.networks.checkpoint import load_weights
     from sfdbench.networks.digits_classifier import DigitsClassifier
+    from sfdbench.suites.digits_training import classifier_accuracy
 
     meta = read_metadata(FEATURE_WEIGHTS)
     net = load_weights(DigitsClassifier(**meta["config"]), FEATURE_WEIGHTS)

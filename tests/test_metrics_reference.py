@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from sfdbench.errors import BadInput
+from sfdbench.io import cache_dir as default_cache_dir
 from sfdbench.metrics import digits_features
 from sfdbench.metrics.features import FeatureSpace
 from sfdbench.metrics.images import to_uint8
-from sfdbench.metrics.reference import ReferenceStats, cache_path, default_cache_dir, reference_statistics
+from sfdbench.metrics.reference import ReferenceStats, cache_path, reference_statistics
 from sfdbench.suites.digits import FEATURE_WEIGHTS, load_digits
 
 

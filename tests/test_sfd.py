@@ -12,7 +12,8 @@ from sfdbench.diffusion import solvers
 from sfdbench.diffusion.denoiser import CountingDenoiser, EDMPrecond
 from sfdbench.diffusion.schedules import get_schedule
 from sfdbench.methods import FitContext, get_method
-from sfdbench.methods.sfd import lr_at, sanitize_gradients, sfd_iteration, student_euler_step, teacher_targets
+from sfdbench.methods.sfd import SFDStepConfig, lr_at, sfd_iteration, student_euler_step, teacher_targets
+from sfdbench.methods.training import sanitize_gradients
 from sfdbench.networks.digits_unet import DigitsUNet
 from sfdbench.suites.digits import DigitsSuite
 
@@ -37,7 +38,7 @@ def test_targets_are_teacher_states_at_student_times():
     den = tiny_denoiser()
     sig = get_schedule("polynomial", 4, 0.006, 80.0, 7.0)
     x = torch.randn(2, 1, 8, 8) * 80.0
-    targets = teacher_targets(den, x, sig, 3, "polynomial", 7.0, OPTS)
+    targets = teacher_targets(den, x, sig, SFDStepConfig(m=3, teacher_options=tuple(OPTS.items())))
     assert targets.shape == (3, 2, 1, 8, 8)
     full = solvers.trajectory(solvers.dpmpp_multistep, den, x, get_schedule("polynomial", 13, 0.006, 80.0, 7.0),
                               **OPTS)
@@ -67,7 +68,8 @@ def test_iteration_updates_once_per_trained_interval(afs):
     sig = get_schedule("polynomial", 5, 0.006, 80.0, 7.0)
     before = [p.detach().clone() for p in student.parameters()]
     # student calls go through a counting wrapper that still trains the student's parameters
-    out = sfd_iteration(counter, teacher, opt, torch.randn(4, 1, 8, 8), sig, 3, "polynomial", 7.0, afs, OPTS)
+    out = sfd_iteration(counter, teacher, opt, torch.randn(4, 1, 8, 8), sig,
+                        SFDStepConfig(m=3, afs=afs, teacher_options=tuple(OPTS.items())))
     assert len(out["losses"]) == 4
     assert len(steps) == 4 - int(afs) and counter.calls == 4 - int(afs)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
@@ -164,7 +166,8 @@ def test_injected_nan_is_counted_and_gradients_sanitised():
     teacher, student = tiny_denoiser(0), tiny_denoiser(1)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     sig = get_schedule("polynomial", 4, 0.006, 80.0, 7.0)
-    out = sfd_iteration(NaNOnce(student), teacher, opt, torch.randn(2, 1, 8, 8), sig, 3, "polynomial", 7.0, True, OPTS)
+    out = sfd_iteration(NaNOnce(student), teacher, opt, torch.randn(2, 1, 8, 8), sig,
+                        SFDStepConfig(m=3, teacher_options=tuple(OPTS.items())))
     assert out["loss_nan"] and out["bad_gradients"] > 0
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

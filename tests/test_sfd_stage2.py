@@ -14,7 +14,7 @@ from sfdbench.diffusion.schedules import get_schedule
 from sfdbench.errors import BadInput
 from sfdbench.methods import FitContext, get_method
 from sfdbench.methods import sfd_stage2 as stage2
-from sfdbench.methods.sfd import lpips_loss, lpips_term, sfd_iteration
+from sfdbench.methods.sfd import SFDStepConfig, lpips_loss, lpips_term, sfd_iteration
 from sfdbench.networks.digits_unet import DigitsUNet
 from sfdbench.suites.digits import DigitsSuite
 
@@ -63,10 +63,10 @@ def test_lpips_term_is_batch_mean_times_pixels():
     sigmas = get_schedule("polynomial", 3, 0.006, 80.0, 7.0)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     latents = torch.randn(2, 1, 8, 8)
-    plain = sfd_iteration(net, net, opt, latents, sigmas, 2, "polynomial", 7.0, True, {}, teacher_solver="euler",
-                          teacher_afs=True)
-    with_lpips = sfd_iteration(net, net, opt, latents, sigmas, 2, "polynomial", 7.0, True, {},
-                               teacher_solver="euler", teacher_afs=True, lpips=fake, last_step_lpips=True)
+    cfg = SFDStepConfig(m=2, afs=True, teacher_solver="euler", teacher_afs=True)
+    plain = sfd_iteration(net, net, opt, latents, sigmas, cfg)
+    with_lpips = sfd_iteration(net, net, opt, latents, sigmas, SFDStepConfig(
+        m=2, afs=True, teacher_solver="euler", teacher_afs=True, last_step_lpips=True), lpips=fake)
     assert with_lpips["losses"][0] == plain["losses"][0]  # AFS interval: untouched
     assert with_lpips["losses"][1] == pytest.approx(plain["losses"][1] + 64.0, rel=1e-6)
 
@@ -76,7 +76,9 @@ def test_stage2_fit(teacher, tmp_path, monkeypatch):
     real = stage2.sfd_iteration
 
     def spy(*args, **kwargs):
-        calls.append({k: kwargs[k] for k in ("teacher_solver", "teacher_afs", "student_cond", "teacher_cond")})
+        cfg = args[5]
+        calls.append({"teacher_solver": cfg.teacher_solver, "teacher_afs": cfg.teacher_afs,
+                      **{k: kwargs[k] for k in ("student_cond", "teacher_cond")}})
         calls[-1]["sigmas"] = args[4]
         return real(*args, **kwargs)
 

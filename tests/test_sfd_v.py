@@ -1,4 +1,4 @@
-"""SFD-v against the spec (section 5): the step-condition branch of the digits U-Net, the
+"""SFD-v (SFD paper Sec. 4.2): the step-condition branch the adapter attaches to the digits U-Net, the
 reference's N stream, one shared model for every NFE with the same fine-tuning cost, sampling
 with step condition N = NFE + 2, and resuming an interrupted fit."""
 
@@ -15,8 +15,9 @@ from sfdbench.diffusion.denoiser import CountingDenoiser
 from sfdbench.errors import BadInput
 from sfdbench.methods import FitContext, get_method
 from sfdbench.methods.sfd import load_fitted
-from sfdbench.methods.sfd_v import load_without_step_modules, m_for, step_conditioned_copy, step_counts
-from sfdbench.networks.digits_unet import DigitsUNet, is_step_condition_key, positional_embedding
+from sfdbench.methods.sfd_v import m_for, step_conditioned_student, step_counts
+from sfdbench.networks.adapters import StepConditioned, attach_step_condition
+from sfdbench.networks.layers import positional_embedding
 from sfdbench.suites.digits import DigitsSuite
 
 TINY = {"sfd": {"iterations": 2, "batch": 4, "checkpoint_every": 2}}  # -> sfd-v: 8 iterations (4x SFD's)
@@ -47,35 +48,47 @@ def test_step_embedding_uses_songunet_endpoint_frequencies():
     torch.testing.assert_close(emb, torch.cat([(5 * freqs).sin(), (5 * freqs).cos()])[None])
 
 
-def test_teacher_loads_strictly_and_step_branch_loads_non_strictly(teacher):
+def test_adapter_adds_the_branch_without_touching_the_teacher(teacher):
     config = teacher.net.config
     assert "step_condition" not in config  # the shipped teacher has no step modules
-    net = DigitsUNet(**config, step_condition=True)
-    result = net.load_state_dict(teacher.net.state_dict(), strict=False)
-    assert result.missing_keys and all(is_step_condition_key(k) for k in result.missing_keys)
-    assert not result.unexpected_keys
+    conditioned = attach_step_condition(teacher)
+    assert not isinstance(teacher.net, StepConditioned)  # the original is untouched
+    keys = conditioned.state_dict().keys()
+    base = set(teacher.state_dict())  # the teacher's weights keep their names, one level down
+    assert {k.replace("net.net.", "net.", 1) for k in keys if k.startswith("net.net.")} == base
     # every residual block has its own projection, plus the two-layer step MLP
-    blocks = sum(1 for m in net.modules() if hasattr(m, "step_emb"))
-    assert len(result.missing_keys) == 2 * blocks + 4
-    bad = {k: v for k, v in teacher.net.state_dict().items() if not k.startswith("conv_in.")}
-    with pytest.raises(BadInput, match="conv_in"):
-        load_without_step_modules(DigitsUNet(**config, step_condition=True), bad)
+    blocks = sum(1 for name, _ in teacher.net.named_modules() if name and type(_).__name__ == "ResBlock")
+    step_keys = [k for k in keys if not k.startswith("net.net.")]
+    assert len(step_keys) == 2 * blocks + 4
+    for a, b in zip(teacher.parameters(), conditioned.net.net.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_unregistered_architecture_is_refused():
+    from sfdbench.diffusion.denoiser import EDMPrecond
+
+    class Plain(torch.nn.Module):
+        def forward(self, x, c_noise, **cond):
+            return x
+
+    with pytest.raises(BadInput, match="no network adapter for architecture Plain"):
+        attach_step_condition(EDMPrecond(Plain()))
 
 
 def test_step_condition_random_init_perturbs_zero_init_does_not(teacher):
     x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 2.0)
     with torch.no_grad():
         ref = teacher(x, sigma)
-        random_init = step_conditioned_copy(teacher, "random", 0).eval()
-        zero_init = step_conditioned_copy(teacher, "zero", 0).eval()
-        # unused step modules change nothing; used ones perturb (spec 5.2: random, not zero init)
+        random_init = step_conditioned_student(DigitsSuite(), teacher, "random", 0).eval()
+        zero_init = step_conditioned_student(DigitsSuite(), teacher, "zero", 0).eval()
+        # unused step modules change nothing; used ones perturb (the paper's init: random, not zero)
         torch.testing.assert_close(random_init(x, sigma), ref, rtol=0, atol=0)
         assert (random_init(x, sigma, step_condition=5) - ref).abs().max() > 1e-3
         torch.testing.assert_close(zero_init(x, sigma, step_condition=5), ref, rtol=0, atol=0)
         # the init is seeded: the same seed gives the same modules
-        again = step_conditioned_copy(teacher, "random", 0).eval()
+        again = step_conditioned_student(DigitsSuite(), teacher, "random", 0).eval()
         torch.testing.assert_close(again(x, sigma, step_condition=6), random_init(x, sigma, step_condition=6))
-    with pytest.raises(ValueError, match="no step-condition branch"):
+    with pytest.raises(TypeError, match="step_condition"):
         teacher(x, sigma, step_condition=4)
 
 
@@ -124,16 +137,16 @@ def test_one_model_for_every_nfe(teacher, tmp_path):
     assert fit["includes_teacher_trajectories"] and fit["teacher_trajectories"] == 8 * 4
 
     with pytest.raises(BadInput, match="not NFE 6"):
-        load_fitted(tmp_path / shared[0] / "model.safetensors", teacher, "cpu", nfe=6)
+        load_fitted(tmp_path / shared[0] / "model.safetensors", suite, teacher, "cpu", nfe=6)
 
 
 def test_shared_folder_is_keyed_by_training_settings_and_teacher(teacher, tmp_path):
     method = get_method("sfd-v")
-    a = method.shared_workdir(tiny_suite(), teacher, tmp_path)
-    assert a == method.shared_workdir(tiny_suite(), teacher, tmp_path)
-    assert a != method.shared_workdir(tiny_suite(iterations=9), teacher, tmp_path)
-    other = step_conditioned_copy(teacher, "zero", 0)  # different weights -> different key
-    assert a != method.shared_workdir(tiny_suite(), other, tmp_path)
+    teacher_id = DigitsSuite().teacher_id()
+    a = method.shared_workdir(tiny_suite(), teacher_id, tmp_path)
+    assert a == method.shared_workdir(tiny_suite(), teacher_id, tmp_path)
+    assert a != method.shared_workdir(tiny_suite(iterations=9), teacher_id, tmp_path)
+    assert a != method.shared_workdir(tiny_suite(), "another-teacher", tmp_path)  # another teacher -> another key
 
 
 def test_bad_sfd_v_settings_are_bad_input():
@@ -156,7 +169,7 @@ def test_interrupted_sfd_v_fit_resumes(teacher, tmp_path):
                      progress=progress_that_dies(3))  # the checkpoint after iteration 2 exists
     with pytest.raises(FitInterrupted):
         method.fit(ctx)
-    shared = method.shared_workdir(suite, teacher, tmp_path / "b")
+    shared = method.shared_workdir(suite, "", tmp_path / "b")  # FitContext's teacher_id defaults to ""
     assert (shared / "checkpoint.pt").is_file() and not (shared / "model.safetensors").exists()
     resumed = method.fit(FitContext(suite=suite, teacher=teacher, nfe=2, workdir=tmp_path / "b" / "sfd-v-2"))
     for a, b in zip(whole.denoiser.parameters(), resumed.denoiser.parameters()):

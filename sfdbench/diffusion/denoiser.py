@@ -54,6 +54,88 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * out.to(x.dtype)
 
 
+class VPEpsilonDenoiser(nn.Module):
+    """An epsilon-prediction discrete-VP model (DDPM / LDM / Stable Diffusion) seen as an EDM
+    denoiser (Karras et al. 2022, Table 1, "VP" column, with the model's own discrete table).
+
+    With the table's continuous view ``vp`` (``schedules.DiscreteVP``):
+    c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1) (so c_in x is the VP state
+    sqrt(abar) x0 + sqrt(1 - abar) eps), c_noise = M tau(sigma) - 1, the fractional discrete
+    timestep the U-Net receives unrounded; D = x - sigma eps_hat (``docs/algorithms.md``,
+    "Denoiser wrappers").
+    """
+
+    def __init__(self, net: nn.Module, vp, sigma_min: float | None = None, sigma_max: float | None = None):
+        super().__init__()
+        self.net = net
+        self.vp = vp
+        low, high = vp.sigma_range()
+        self.sigma_min = float(low if sigma_min is None else sigma_min)
+        self.sigma_max = float(high if sigma_max is None else sigma_max)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        sigma = batch_sigma(sigma, x)
+        c_noise = self.vp.timestep(sigma.detach().double().cpu()).to(device=x.device, dtype=x.dtype)
+        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        eps = self.net((c_in * x).to(x.dtype), c_noise, **cond)
+        return x - sigma * eps.to(x.dtype)
+
+
+def _batch_both(uncond: dict, cond: dict, batch: int) -> dict:
+    """[unconditional; conditional] conditioning for one doubled batch: per-sample tensors are
+    concatenated, anything else (a scalar step condition) must be the same in both."""
+    merged = {}
+    for key in cond.keys() | uncond.keys():
+        a, b = uncond.get(key), cond.get(key)
+        if isinstance(b, torch.Tensor) and b.ndim > 0 and b.shape[0] == batch:
+            merged[key] = torch.cat([a, b])
+        elif a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)) or a == b:
+            merged[key] = b
+        else:
+            raise ValueError(f"conditioning {key!r} differs between the guided branches but is not per-sample")
+    return merged
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6, in denoiser form):
+    D_w(x; sigma, c) = D(x; sigma, u) + w (D(x; sigma, c) - D(x; sigma, u)), where ``unconditional(cond)``
+    makes u (class labels zeroed, the empty prompt, ...).
+
+    w = 1 is the conditional model and w = 0 the unconditional one: a single evaluation. Any other
+    w evaluates both branches in one doubled batch [u; c], so a ``CountingDenoiser`` below this
+    wrapper counts 2 network evaluations per sample and call (the paper's convention:
+    ``network_evaluations_per_call``)."""
+
+    def __init__(self, denoiser: Denoiser, scale: float, unconditional):
+        self.denoiser = denoiser
+        self.scale = float(scale)
+        self.unconditional = unconditional
+
+    @property
+    def network_evaluations_per_call(self) -> int:
+        return 1 if self.scale in (0.0, 1.0) else 2
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma, **cond)
+        uncond = self.unconditional(cond)
+        if self.scale == 0.0:
+            return self.denoiser(x, sigma, **uncond)
+        sigma = batch_sigma(sigma, x)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **_batch_both(uncond, cond, x.shape[0]))
+        d_uncond, d_cond = both.chunk(2)
+        return d_uncond + self.scale * (d_cond - d_uncond)
+
+
 class CountingDenoiser:
     """Wraps a denoiser and counts its evaluations: the NFE is counted, never declared.
 

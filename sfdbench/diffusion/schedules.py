@@ -1,6 +1,7 @@
 """Noise-level schedules: N decreasing sigmas from sigma_max to sigma_min.
 
-All formulas follow ``shared/docs/sfd-spec.md`` section 2 (the reference's ``get_schedule``):
+All formulas follow ``docs/algorithms.md#schedules`` and the SFD reference implementation's
+``get_schedule`` (zju-pi/diff-sampler, ``sfd-main/solver_utils.py``):
 ``polynomial`` (EDM), ``logsnr``, ``time_uniform`` (VP time), ``discrete`` (LDM / Stable
 Diffusion, from the model's 1000-step table via ``DiscreteVP``; rho = 1 only) and ``custom``
 (an explicit sigma list). Schedules are computed in float64 and returned as float64 tensors
@@ -52,7 +53,7 @@ def time_uniform(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -
 
 
 def custom(sigmas) -> torch.Tensor:
-    """An explicit list of noise levels (spec section 2, "custom schedule"): N = its length,
+    """An explicit list of noise levels (``docs/algorithms.md#custom-schedule``): N = its length,
     sigma_max / sigma_min = its ends. Must be 1-D, finite, positive and strictly decreasing (the
     solvers divide by sigma and take its logarithm)."""
     sig = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().clone()
@@ -67,7 +68,9 @@ def custom(sigmas) -> torch.Tensor:
 
 class DiscreteVP:
     """The continuous-time view of a discrete VP (DDPM) noise table, as the reference's
-    CFGPrecond wrapper builds it for LDM and Stable Diffusion epsilon-models (spec section 1.2).
+    CFGPrecond wrapper builds it for LDM and Stable Diffusion epsilon-models (the SFD reference
+    implementation, zju-pi/diff-sampler, file ``sfd-main/models/networks_edm.py``; see
+    ``docs/algorithms.md#discrete-vp-wrapper-for-epsilon-prediction-models``).
 
     The table alpha-bar_n, n = 0..M-1, sits at tau_n = (n + 1) / M with log alpha(tau_n) =
     ln(alpha-bar_n) / 2; log alpha(tau) is the piecewise-linear interpolation of these points
@@ -80,7 +83,8 @@ class DiscreteVP:
     betas = linspace(sqrt(beta_start), sqrt(beta_end), M)^2 -- what diffusers calls
     "scaled_linear". Both ``ldm()`` (0.0015 -> 0.0195, sigma(1) = 83.82) and ``sd()``
     (0.00085 -> 0.012, sigma(1) = 14.61) use that form; these sigma_max values are the ones in
-    the spec's table. ``linear()`` is the plain linspace of betas (diffusers' "linear")."""
+    ``docs/algorithms.md#discrete-vp-wrapper-for-epsilon-prediction-models``. ``linear()`` is the
+    plain linspace of betas (diffusers' "linear")."""
 
     def __init__(self, alphas_cumprod):
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().clone()
@@ -140,8 +144,9 @@ class DiscreteVP:
 
     def schedule(self, n: int, sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float = 1.0) -> torch.Tensor:
-        """The reference's ``discrete`` schedule (spec section 2, item 4) for rho = 1: uniform in
-        tau from sigma^-1(sigma_max) to sigma^-1(sigma_min), t_i = sigma(tau_i).
+        """The reference's ``discrete`` schedule (``docs/algorithms.md#discrete-ldm-and-sd-schedule``;
+        zju-pi/diff-sampler, ``sfd-main/solver_utils.py``) for rho = 1: uniform in tau from
+        sigma^-1(sigma_max) to sigma^-1(sigma_min), t_i = sigma(tau_i).
 
         rho != 1 is rejected: the reference computes (tau_max + i/(N-1) (tau_min^(1/rho) -
         tau_max))^rho, raising only tau_min to 1/rho, which is the intended polynomial warping

@@ -5,9 +5,10 @@ s(t) = 1, sigma(t) = t); ``d`` equals the noise prediction eps_hat.
 
 Each solver is a generator ``solver(denoiser, x, sigmas, *, afs, cond, ...)`` that starts from
 ``x`` at ``sigmas[0]`` and yields the state after each step, i.e. at ``sigmas[1:]``. ``sample``
-runs one to the end, ``trajectory`` keeps every state. Formulas follow
-``shared/docs/sfd-spec.md`` section 3; the NFE of each solver is counted by
-``CountingDenoiser`` in the tests, not trusted from here.
+runs one to the end, ``trajectory`` keeps every state. Formulas follow ``docs/algorithms.md#solvers``
+(the papers cited per solver, as the SFD reference implementation, zju-pi/diff-sampler, writes them
+in ``diff-solvers-main/solvers.py``); the NFE of each solver is counted by ``CountingDenoiser`` in the
+tests, not trusted from here.
 
 Solvers (``SOLVERS``): euler / ddim, heun, dpm2 (``dpm_solver_2``), dpmpp (``dpmpp_multistep``),
 ipndm, ipndm_v, deis, unipc. All take ``afs``. NFE per sample with N timestamps: N - 1, or
@@ -83,8 +84,9 @@ def dpmpp_order(i: int, num_steps: int, max_order: int, lower_order_final: bool)
 
     Warm start with order i + 1; with ``lower_order_final`` the order is then capped by the
     number of remaining steps, so once past the warm-up the last step is first order and the
-    one before at most second, for every N (as in the reference; spec section 3.6). During the
-    warm-up the warm-start rule wins: with N = 3 and max_order 3 the last step is second order.
+    one before at most second, for every N (as in the reference, ``diff-solvers-main/solvers.py``;
+    ``docs/algorithms.md#dpm-solver-2m-and-3m``). During the warm-up the warm-start rule wins:
+    with N = 3 and max_order 3 the last step is second order.
     (diffusers lowers orders only below 15 steps and always makes the last step first order.)"""
     if lower_order_final:
         return i + 1 if i + 1 < max_order else min(max_order, num_steps - (i + 1))
@@ -137,7 +139,9 @@ def dpmpp_multistep(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     """Multistep DPM-Solver++ of order ``max_order`` (1-3), "DPM-Solver++(kM)". 1 NFE per step.
 
     Data-prediction mode stores thresholded x0 estimates (``thresholding``); noise-prediction
-    mode stores d = eps_hat. AFS replaces the first evaluation (spec sections 3.1, 3.6)."""
+    mode stores d = eps_hat. AFS replaces the first evaluation (Zhou et al. 2024 (AMED), AFS;
+    Lu et al. 2022, DPM-Solver++ Algorithm 2; ``docs/algorithms.md#analytical-first-step``,
+    ``docs/algorithms.md#dpm-solver-2m-and-3m``)."""
     if not 1 <= max_order <= 3:
         raise ValueError(f"DPM-Solver++ supports orders 1-3, got {max_order}")
     models: list[torch.Tensor] = []
@@ -156,14 +160,14 @@ def dpmpp_multistep(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
         yield x
 
 
-ddim = euler  # deterministic DDIM (eta = 0) is Euler in the EDM parameterisation (spec 1.1)
+ddim = euler  # deterministic DDIM (eta = 0) is Euler in the EDM parameterisation (docs/algorithms.md#euler-and-ddim)
 
 
 def dpm_solver_2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool = False,
                  cond: dict | None = None, r: float = 0.5) -> Iterator[torch.Tensor]:
     """DPM-Solver-2 (Lu et al. 2022, arXiv 2206.00927), single-step, as the reference writes it in
-    sigma-space (spec 3.4): an intermediate time t_m = t_{i+1}^r t_i^(1-r) (geometric, i.e. the
-    midpoint in log-sigma for r = 1/2), an Euler predictor x_m = x_i + (t_m - t_i) d_i, its
+    sigma-space (``docs/algorithms.md#dpm-solver-2``): an intermediate time t_m = t_{i+1}^r t_i^(1-r)
+    (geometric, i.e. the midpoint in log-sigma for r = 1/2), an Euler predictor x_m = x_i + (t_m - t_i) d_i, its
     direction d_m, and x_{i+1} = x_i + (t_{i+1} - t_i) [d_m / (2r) + (1 - 1/(2r)) d_i]
     (= x_i + (t_{i+1} - t_i) d_m for r = 1/2). 2 NFE per step; AFS replaces d_0 (saves one).
 
@@ -191,9 +195,10 @@ IPNDM_COEFFICIENTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 
 
 def ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool = False,
           cond: dict | None = None, max_order: int = 4) -> Iterator[torch.Tensor]:
-    """iPNDM (Zhang & Chen 2023, DEIS paper, arXiv 2204.13902; spec 3.5): Adams-Bashforth with the
-    FIXED equal-step coefficients on the directions d, x_{i+1} = x_i + (t_{i+1} - t_i) sum_j c_j d_{i-j},
-    of order p = min(max_order, i + 1) (warm start; no lower-order final steps):
+    """iPNDM (Zhang & Chen 2023, DEIS paper, arXiv 2204.13902; ``docs/algorithms.md#ipndm``):
+    Adams-Bashforth with the FIXED equal-step coefficients on the directions d,
+    x_{i+1} = x_i + (t_{i+1} - t_i) sum_j c_j d_{i-j}, of order p = min(max_order, i + 1)
+    (warm start; no lower-order final steps):
     p=1 (1), p=2 (3, -1)/2, p=3 (23, -16, 5)/12, p=4 (55, -59, 37, -9)/24. 1 NFE per step.
 
     On unequal steps the fixed coefficients are not the variable-step ones: on a smooth schedule
@@ -219,7 +224,8 @@ def _combine(coefficients, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def ipndm_v_coefficients(h: list[float], order: int) -> tuple[float, ...]:
-    """The reference's variable-step Adams-Bashforth weights c_1..c_p of iPNDM_v (spec 3.9), for
+    """The reference's variable-step Adams-Bashforth weights c_1..c_p of iPNDM_v (zju-pi/diff-sampler,
+    ``diff-solvers-main/solvers.py``; ``docs/algorithms.md#variable-step-ipndm``), for
     step sizes ``h = [h_n, h_{n-1}, h_{n-2}, h_{n-3}]`` (newest first; sigma differences):
     x_{i+1} = x_i + h_n sum_k c_k d_{i-k+1}.
 
@@ -255,7 +261,8 @@ def ipndm_v_coefficients(h: list[float], order: int) -> tuple[float, ...]:
 
 def ipndm_v(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool = False,
             cond: dict | None = None, max_order: int = 4, exact: bool = False) -> Iterator[torch.Tensor]:
-    """iPNDM_v, variable-step Adams-Bashforth on d (spec 3.9, ``diff-solvers-main/solvers.py``):
+    """iPNDM_v, variable-step Adams-Bashforth on d (``docs/algorithms.md#variable-step-ipndm``; the SFD
+    reference implementation, zju-pi/diff-sampler, file ``diff-solvers-main/solvers.py``):
     order p = min(max_order, i + 1), x_{i+1} = x_i + h_n sum_k c_k d_{i-k+1} with the reference's
     weights ``ipndm_v_coefficients`` (default, reproduces the published baseline) or, with
     ``exact=True``, the exact variable-step weights (integral over [t_i, t_{i+1}] of the Lagrange
@@ -278,12 +285,15 @@ def ipndm_v(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: b
 
 
 def vp_time(sigma, beta_d: float, beta_min: float):
-    """sigma_VP^-1 (spec 2 item 3 / 3.7): s = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
+    """sigma_VP^-1 (``docs/algorithms.md#time-uniform-vp-schedule``, ``docs/algorithms.md#deis``):
+    s = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
     return (np.sqrt(beta_min**2 + 2 * beta_d * np.log1p(np.asarray(sigma, dtype=np.float64) ** 2)) - beta_min) / beta_d
 
 
 def vp_dsigma_ds(s, beta_d: float, beta_min: float):
-    """d sigma_VP / ds in the spec's DEIS form g(s) = -(1/2) (d ln alpha-bar / ds) / sqrt(alpha-bar (1 - alpha-bar))
+    """d sigma_VP / ds in the DEIS form of the SFD reference implementation (zju-pi/diff-sampler,
+    ``diff-solvers-main/solver_utils.py`` ``get_deis_coeff_list``; Zhang & Chen 2023, DEIS)
+    g(s) = -(1/2) (d ln alpha-bar / ds) / sqrt(alpha-bar (1 - alpha-bar))
     with the ANALYTIC derivative d ln alpha-bar / ds = -(beta_d s + beta_min) (the reference uses
     autodiff; same value), alpha-bar(s) = exp(-(beta_d s^2 / 2 + beta_min s))."""
     s = np.asarray(s, dtype=np.float64)
@@ -308,7 +318,7 @@ def multistep_coefficients(sigmas: torch.Tensor, max_order: int, variable: str =
     integral d d(sigma) with d replaced by its polynomial interpolant in the variable u.
     For p = 1 the weight is t_{i+1} - t_i (Euler).
 
-    ``variable``: ``vp_time`` -- DEIS tAB (spec 3.7): u = s = sigma_VP^-1(sigma) with the fixed VP
+    ``variable``: ``vp_time`` -- DEIS tAB (``docs/algorithms.md#deis``): u = s = sigma_VP^-1(sigma) with the fixed VP
     parameters of sigma in [0.002, 80], d sigma/ds from ``vp_dsigma_ds``; ``log_sigma`` -- u =
     ln sigma, diffusers' DEISMultistepScheduler ("logrho"); ``sigma`` -- u = sigma, the exact
     variable-step Adams-Bashforth weights (``ipndm_v(exact=True)``).
@@ -365,7 +375,7 @@ def multistep_coefficients(sigmas: torch.Tensor, max_order: int, variable: str =
 def deis(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool = False,
          cond: dict | None = None, max_order: int = 3, interpolation: str = "vp_time",
          quadrature: str = "gauss") -> Iterator[torch.Tensor]:
-    """DEIS, tAB variant (Zhang & Chen 2023, arXiv 2204.13902; spec 3.7): multistep
+    """DEIS, tAB variant (Zhang & Chen 2023, arXiv 2204.13902; ``docs/algorithms.md#deis``): multistep
     exponential-integrator weights precomputed from the schedule (``multistep_coefficients``),
     x_{i+1} = x_i + sum_{j<p} C_{i,j} d_{i-j}, p = min(max_order, i + 1), Euler for p = 1; no
     lower-order final steps. In the EDM (VE) state the exponential integrator's linear part is the
@@ -384,7 +394,8 @@ def deis(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool
 
 
 def unipc_coefficients(rks: list[float], hh: float, order: int, variant: str) -> tuple[float, list[float], list[float]]:
-    """B(h) and the UniP / UniC weights of UniPC-p (Zhao et al. 2023, arXiv 2302.04867; spec 3.8).
+    """B(h) and the UniP / UniC weights of UniPC-p (Zhao et al. 2023, arXiv 2302.04867;
+    ``docs/algorithms.md#unipc``).
 
     ``rks`` = (r_1, ..., r_{p-1}); ``hh`` = -h (data prediction) or h (noise prediction).
     R has rows r^(k-1) (k = 1..p, r = (r_1, ..., r_{p-1}, 1)); b_k = psi_k k! / B(h) with
@@ -413,7 +424,7 @@ def unipc_coefficients(rks: list[float], hh: float, order: int, variant: str) ->
 
 
 def unipc_order(i: int, num_steps: int, max_order: int, lower_order_final: bool) -> int:
-    """UniPC order at step i (spec 3.8): warm-up p = i + 1 while i + 1 < max_order, then
+    """UniPC order at step i (``docs/algorithms.md#unipc``): warm-up p = i + 1 while i + 1 < max_order, then
     min(max_order, N - 1 - i) with ``lower_order_final`` (else max_order) -- the same rule as
     ``dpmpp_order``."""
     return dpmpp_order(i, num_steps, max_order, lower_order_final)
@@ -422,9 +433,9 @@ def unipc_order(i: int, num_steps: int, max_order: int, lower_order_final: bool)
 def unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: bool = False,
           cond: dict | None = None, max_order: int = 3, variant: str = "bh2", predict_x0: bool = True,
           lower_order_final: bool = True, thresholding: bool = True) -> Iterator[torch.Tensor]:
-    """UniPC (Zhao et al. 2023, arXiv 2302.04867) in VE form (spec 3.8): multistep UniP predictor of
-    order p plus the UniC corrector, which reuses the model value at the *predicted* point (so it
-    costs no extra evaluation: that value is also the next step's model value).
+    """UniPC (Zhao et al. 2023, arXiv 2302.04867) in VE form (``docs/algorithms.md#unipc``): multistep
+    UniP predictor of order p plus the UniC corrector, which reuses the model value at the *predicted*
+    point (so it costs no extra evaluation: that value is also the next step's model value).
 
     lambda = -ln sigma, h = lambda(t) - lambda(t_0'), r_k = (lambda(T[-(k+1)]) - lambda(t_0'))/h,
     Delta_k = (M[-(k+1)] - m_0)/r_k. Data prediction (m = thresholded D): base = (t/t_0') x - phi m_0,
@@ -434,8 +445,9 @@ def unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: boo
 
     NFE = 1 (initial model value; 0 with AFS) + 1 per non-final step = N - 1 (N - 2 with AFS).
     The final step never runs the corrector. (The reference runs it on the final step when
-    N - 1 < max_order -- an evaluation its NFE formula does not count, spec 11.12; we count every
-    call, so our final state there is the uncorrected predictor.)"""
+    N - 1 < max_order -- an evaluation its NFE formula does not count (zju-pi/diff-sampler,
+    ``diff-solvers-main/solvers.py``; ``docs/algorithms.md#deliberate-departures-from-the-reference``);
+    we count every call, so our final state there is the uncorrected predictor.)"""
     if not 1 <= max_order <= 4:
         raise ValueError(f"UniPC supports orders 1-4 here, got {max_order}")
     n = len(sigmas)
@@ -476,7 +488,7 @@ def unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, afs: boo
 def sample(solver: Solver, denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
            **options: Any) -> torch.Tensor:
     """Run ``solver`` from unit-Gaussian ``latents`` (x = z * sigma_0) and return the final state
-    at sigma_{N-1} (no final denoising; spec section 1.1)."""
+    at sigma_{N-1} (no final denoising; ``docs/algorithms.md#notation-and-the-probability-flow-ode``)."""
     sigmas = sigmas.to(device=latents.device, dtype=latents.dtype)
     x = latents * sigmas[0]
     for state in solver(denoiser, x, sigmas, **options):
@@ -484,15 +496,16 @@ def sample(solver: Solver, denoiser: Denoiser, latents: torch.Tensor, sigmas: to
     return x
 
 
-def sampler(solver: Solver, sigmas: torch.Tensor, **options: Any):
-    """``sample`` with the solver, schedule and options bound: ``f(denoiser, latents) -> images``,
-    the shape of a method's sampler (``methods.base.Fitted.sample``)."""
-    return functools.partial(_sample_latents, solver, sigmas, options)
+def sampler(solver: Solver, sigmas: torch.Tensor, *, add_cond: dict | None = None, **options: Any):
+    """``sample`` with the solver, schedule and options bound: ``f(denoiser, latents, cond=None) ->
+    final state``, the shape of a method's sampler (``methods.base.Fitted.sample``). ``cond`` is
+    the suite's per-sample conditioning; ``add_cond`` (e.g. SFD-v's step condition) is added to it."""
+    return functools.partial(_sample_latents, solver, sigmas, options, add_cond or {})
 
 
-def _sample_latents(solver: Solver, sigmas: torch.Tensor, options: dict, denoiser: Denoiser,
-                    latents: torch.Tensor) -> torch.Tensor:
-    return sample(solver, denoiser, latents, sigmas, **options)
+def _sample_latents(solver: Solver, sigmas: torch.Tensor, options: dict, add_cond: dict, denoiser: Denoiser,
+                    latents: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    return sample(solver, denoiser, latents, sigmas, cond={**(cond or {}), **add_cond}, **options)
 
 
 def trajectory(solver: Solver, denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,

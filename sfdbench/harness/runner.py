@@ -1,11 +1,13 @@
-"""Runs a grid: validate everything -> for each (method, NFE): fit once -> for each seed:
-sample -> evaluate -> write one record. Finished records are skipped unless ``force``."""
+"""Runs a grid: validate everything -> for each (method, NFE, guidance): fit once -> for each seed:
+sample -> evaluate -> write one record. Finished records are skipped unless ``force``.
+
+The runner sees only the suite interface and the method interface: noise shape, conditioning,
+decoding and guidance's unconditional branch come from the suite (``docs/architecture.md``)."""
 
 from __future__ import annotations
 
+import math
 import os
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,6 @@ from sfdbench.errors import BadInput
 from sfdbench.harness.progress import console, progress_bar
 from sfdbench.harness.sampling import MAX_RUN_SEED, SEED_STRIDE, generate
 from sfdbench.methods import FitContext, get_method
-from sfdbench.metrics.images import to_uint8
 from sfdbench.records import SCHEMA_VERSION, config_hash, git_revision, now, record_path, versions, write_record
 from sfdbench.suites import get_suite
 
@@ -23,7 +24,7 @@ from sfdbench.suites import get_suite
 @dataclass
 class RunPlan:
     suite: str
-    grid: list[tuple[str, int]]  # (method, nfe)
+    grid: list[tuple[str, int] | tuple[str, int, float]]  # (method, nfe[, guidance scale])
     seeds: list[int]
     samples: int
     out: Path
@@ -32,14 +33,35 @@ class RunPlan:
     device: str = "cpu"
     batch: int = 500
     method_overrides: dict = field(default_factory=dict)
+    command: str = ""  # the command line that made the plan, written into every record
+
+    def entries(self, suite) -> list[tuple[str, int, float]]:
+        """The grid with every guidance scale resolved (the suite's default where none is given)."""
+        return [(g[0], g[1], float(g[2]) if len(g) > 2 and g[2] is not None else suite.guidance) for g in self.grid]
 
 
-def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | None) -> list[tuple[str, int]]:
-    """The suite's grid, filtered by ``methods``; ``nfes`` replaces each method's NFE list."""
+def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | None,
+                 guidance: list[float] | None = None, which: str = "default") -> list[tuple[str, int, float | None]]:
+    """The suite's grid (``which`` = default | full), filtered by ``methods``; ``nfes`` replaces each
+    method's NFE list and ``guidance`` each entry's guidance scales."""
     suite = get_suite(suite_name)
-    entries = {e.method: e.nfes for e in suite.default_grid}
+    if which not in ("default", "full"):
+        raise BadInput(f"--grid must be default or full, got {which!r}")
+    grid = (suite.full_grid or suite.default_grid) if which == "full" else suite.default_grid
+    if guidance and not suite.conditional and any(w != 1.0 for w in guidance):
+        raise BadInput(f"suite {suite.name!r} is unconditional: classifier-free guidance needs conditioning; "
+                       "use --guidance 1 or a conditional suite (see `sfdbench suites`)")
+    entries: dict[str, list[tuple[tuple[int, ...], float | None]]] = {}
+    for e in grid:
+        entries.setdefault(e.method, []).append((e.nfes, e.guidance))
     names = methods or list(entries)
-    return [(m, n) for m in names for n in (nfes or entries.get(m) or _missing_nfe(m))]
+    out = []
+    for m in names:
+        for listed_nfes, scale in entries.get(m) or [((), None)]:
+            chosen = nfes or listed_nfes or _missing_nfe(m)
+            for w in (guidance or [scale]):
+                out.extend((m, n, w) for n in chosen)
+    return list(dict.fromkeys(out))
 
 
 def _missing_nfe(method: str):
@@ -84,11 +106,19 @@ def validate(plan: RunPlan) -> None:
         raise BadInput(f"--seeds must be integers in 0..{MAX_RUN_SEED}, got {plan.seeds}")
     if plan.samples >= SEED_STRIDE:
         raise BadInput(f"--samples must be below {SEED_STRIDE}")
-    for method, nfe in plan.grid:
+    for method, nfe, scale in plan.entries(suite):
         get_method(method).check_nfe(nfe, suite)
+        get_method(method).check_suite(suite)
         get_method(method).hyperparameters(suite, nfe)
+        check_guidance(suite, scale)
     check_writable(plan.out)
-    suite.load_teacher(plan.teacher)  # corrupt or mismatched weights fail here, before any write
+
+
+def check_guidance(suite, scale: float) -> None:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise BadInput(f"guidance scale must be a finite number >= 0, got {scale!r}")
+    if scale != 1.0 and not suite.conditional:
+        raise BadInput(f"suite {suite.name!r} is unconditional: classifier-free guidance needs conditioning")
 
 
 def check_writable(path: Path) -> None:
@@ -100,23 +130,37 @@ def check_writable(path: Path) -> None:
 
 
 GRID_SEED, GRID_SIZE = 0, 64
+GRID_MIN_PIXELS = 32  # small images are enlarged (nearest) to at least this many pixels per side
 
 
-def write_sample_grid(fitted, suite, path: Path, device) -> Path:
+def write_sample_grid(fitted, suite, path: Path, device, guidance: float = 1.0) -> Path:
     """An 8x8 PNG grid of samples 0..63 of run seed 0: the same noise for every method and NFE."""
     import io
 
     import torchvision
 
-    from sfdbench.networks.checkpoint import atomic_write_bytes
+    from sfdbench.io import atomic_write_bytes
 
-    images, _ = generate(fitted, GRID_SEED, GRID_SIZE, suite.image_shape, GRID_SIZE, device)
+    u8, _, _ = generate(fitted, suite, GRID_SEED, GRID_SIZE, GRID_SIZE, device, guidance)
+    images = u8.float() / 255.0
+    factor = max(1, -(-GRID_MIN_PIXELS // images.shape[-1]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
     buf = io.BytesIO()
-    u8 = to_uint8(images).float() / 255.0
-    u8 = torch.nn.functional.interpolate(u8, scale_factor=4, mode="nearest") if u8.shape[-1] < 32 else u8
-    torchvision.utils.save_image(u8, buf, format="png", nrow=8, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(images, buf, format="png", nrow=8, padding=2, pad_value=1.0)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def guidance_record(scale: float) -> dict:
+    """What a record says about guidance: the scale and what one sampler evaluation costs."""
+    return {"scale": scale, "network_evaluations_per_call": 1 if scale in (0.0, 1.0) else 2,
+            "formula": "D_u + w (D_c - D_u) (classifier-free guidance; w = 1: conditional, w = 0: unconditional)"}
+
+
+def guided_display(display: str, scale: float) -> str:
+    return display if scale == 1.0 else f"{display} (CFG w={scale:g}, 2 evals/step)" if scale else \
+        f"{display} (unconditional)"
 
 
 def run(plan: RunPlan) -> list[Path]:
@@ -124,16 +168,18 @@ def run(plan: RunPlan) -> list[Path]:
     validate(plan)
     suite = make_suite(plan)
     device = torch.device(plan.device)
-    teacher = suite.load_teacher(plan.teacher, device)
+    teacher = suite.load_teacher(plan.teacher, device)  # corrupt or mismatched weights fail here, before any write
     teacher_id = suite.teacher_id(plan.teacher)
     protocol = suite.metric_protocol()
     written: list[Path] = []
-    for method_name, nfe in plan.grid:
+    for method_name, nfe, scale in plan.entries(suite):
         method = get_method(method_name)
         hp = method.hyperparameters(suite, nfe)
         base = {"suite": suite.name, "method": method.name, "nfe": nfe, "hyperparameters": hp,
                 "teacher": teacher_id, "n_samples": plan.samples, "metric_protocol": protocol,
                 "schema_version": SCHEMA_VERSION}
+        if scale != 1.0:  # unguided configurations keep the hash they always had
+            base["guidance"] = scale
         todo = []
         for seed in plan.seeds:
             chash = config_hash({**base, "seed": seed})
@@ -148,31 +194,38 @@ def run(plan: RunPlan) -> list[Path]:
         fit_hash = config_hash({k: base[k] for k in ("suite", "method", "nfe", "hyperparameters", "teacher")})
         workdir = Path(plan.out) / suite.name / "fits" / f"{method.name}-nfe{nfe}-{fit_hash}"
         fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
-                                       progress=progress_bar))
-        grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" /
-                                      f"{method.name}-nfe{nfe}-{fit_hash}.png", device)
+                                       progress=progress_bar, teacher_id=teacher_id))
+        tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
+        grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" / f"{tag}.png", device,
+                                      scale)
+        per_call = guidance_record(scale)["network_evaluations_per_call"]
         for seed, chash, path in todo:
             started = now()
             with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:
-                images, stats = generate(fitted, seed, plan.samples, suite.image_shape, plan.batch, device, advance)
-            if abs(stats["nfe_counted"] - nfe) > 1e-9:
-                raise RuntimeError(f"{method.name} declared NFE {nfe} but called the network "
-                                   f"{stats['nfe_counted']} times per sample")
-            metrics = suite.evaluate(to_uint8(images))
+                images, cond, stats = generate(fitted, suite, seed, plan.samples, plan.batch, device, scale, advance)
+            if abs(stats["sampler_nfe"] - nfe) > 1e-9 or abs(stats["nfe_counted"] - nfe * per_call) > 1e-9:
+                raise RuntimeError(f"{method.name} declared NFE {nfe} (x{per_call} network calls with guidance "
+                                   f"{scale:g}) but the sampler called the denoiser {stats['sampler_nfe']} times "
+                                   f"and the network {stats['nfe_counted']} times per sample")
+            metrics = suite.evaluate(images, cond)
             record = {
-                **base, "seed": seed, "config_hash": chash, "display": method.display_name(hp), "group": method.group,
-                "nfe_counted": stats["nfe_counted"], "metrics": metrics,
+                **base, "seed": seed, "config_hash": chash,
+                "display": guided_display(method.display_name(hp), scale), "group": method.group,
+                "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
+                "guidance": guidance_record(scale), "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,
                 "fit_info": fitted.info,
                 "sampling": {"n_samples": plan.samples,
                              "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
+                             "conditioning": "drawn from each sample's generator after its latent"
+                             if cond else "none",
                              "batch": plan.batch, "seconds": stats["sampling_seconds"],
                              "images_per_second": stats["images_per_second"], "device": str(device)},
                 "sample_grid": str(grid_path),
                 "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
-                "command": "sfdbench " + shlex.join(sys.argv[1:]),
+                "command": plan.command,
             }
             write_record(path, record)
             written.append(path)
-            console.print(f"{method.display} NFE {nfe} seed {seed}: FID {metrics['fid']:.3f}")
+            console.print(f"{record['display']} NFE {nfe} seed {seed}: FID {metrics['fid']:.3f}")
     return written

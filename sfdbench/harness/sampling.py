@@ -1,4 +1,4 @@
-"""Seeded latents and batched sampling with NFE counting."""
+"""Seeded latents and conditioning, batched sampling with NFE counting and guidance."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import time
 
 import torch
 
-from sfdbench.diffusion.denoiser import CountingDenoiser
+from sfdbench.diffusion.denoiser import ClassifierFreeGuidance, CountingDenoiser
 from sfdbench.methods.base import Fitted
+from sfdbench.metrics.images import to_uint8
+from sfdbench.suites.base import collate
 
 SEED_STRIDE = 10_000_000  # samples per run seed; torch's CPU generator keeps only 32 seed bits
 MAX_RUN_SEED = 2**32 // SEED_STRIDE - 1  # 428
@@ -22,31 +24,49 @@ def noise_seed(run_seed: int, index: int) -> int:
     return run_seed * SEED_STRIDE + index
 
 
-def seeded_latents(run_seed: int, start: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Unit-Gaussian latents, one CPU generator per sample, so a sample never depends on the
-    batch size, device count or shard."""
-    out = torch.empty((count, *shape))
+def seeded_inputs(suite, run_seed: int, start: int, count: int) -> tuple[torch.Tensor, dict]:
+    """Unit-Gaussian latents and conditioning of samples start..start+count-1, one CPU generator
+    per sample: its latent first, then its conditioning (``suite.conditioning``) from the same
+    generator, so a sample never depends on the batch size, device count or shard."""
+    latents = torch.empty((count, *suite.latent_shape))
+    conds = []
     for j in range(count):
         gen = torch.Generator().manual_seed(noise_seed(run_seed, start + j))
-        out[j] = torch.randn(shape, generator=gen)
-    return out
+        latents[j] = torch.randn(suite.latent_shape, generator=gen)
+        conds.append(suite.conditioning(gen, start + j))
+    return latents, collate(conds)
+
+
+def guided(denoiser, suite, guidance: float):
+    """``denoiser`` with classifier-free guidance at scale ``guidance`` (1 = unguided: unchanged)."""
+    return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, suite.unconditional)
 
 
 @torch.no_grad()
-def generate(fitted: Fitted, run_seed: int, n: int, shape: tuple[int, ...], batch: int = 500,
-             device: torch.device | str = "cpu", advance=None) -> tuple[torch.Tensor, dict]:
-    """Samples in [-1, 1] for seeds 0..n-1 of ``run_seed`` plus sampling statistics, with the
-    NFE counted by wrapping the method's denoiser (not trusted from the method)."""
-    counter = CountingDenoiser(fitted.denoiser)
-    chunks, seconds = [], 0.0
+def generate(fitted: Fitted, suite, run_seed: int, n: int, batch: int = 500, device: torch.device | str = "cpu",
+             guidance: float = 1.0, advance=None) -> tuple[torch.Tensor, dict, dict]:
+    """uint8 images [N, C, H, W] of seeds 0..n-1 of ``run_seed`` (decoded by the suite, converted
+    batch by batch), their conditioning (batched, on the CPU) and sampling statistics.
+
+    The NFE is counted twice, never trusted from the method: ``nfe_counted`` = network
+    evaluations per sample (a counter right around the model), ``sampler_nfe`` = evaluations of
+    the (guided) denoiser the sampler sees; with guidance each of those costs 2 network calls."""
+    network = CountingDenoiser(fitted.denoiser)
+    sampler_view = CountingDenoiser(guided(network, suite, guidance))
+    chunks, conds, seconds = [], [], 0.0
     for start in range(0, n, batch):
         count = min(batch, n - start)
-        latents = seeded_latents(run_seed, start, count, shape).to(device)
+        latents, cond = seeded_inputs(suite, run_seed, start, count)
+        on_device = {k: v.to(device) for k, v in cond.items()}
         t0 = time.perf_counter()
-        chunks.append(fitted.sample(counter, latents).float().cpu())
+        final = fitted.sample(sampler_view, latents.to(device), on_device)
+        images = suite.decode(final)
         seconds += time.perf_counter() - t0
+        chunks.append(to_uint8(images.float().cpu()))
+        conds.append(cond)
         if advance:
             advance(count)
-    nfe_counted = counter.samples / n
-    return torch.cat(chunks), {"nfe_counted": nfe_counted, "sampling_seconds": seconds,
-                               "images_per_second": n / seconds if seconds > 0 else None}
+    stats = {"nfe_counted": network.samples / n, "sampler_nfe": sampler_view.samples / n,
+             "sampling_seconds": seconds, "images_per_second": n / seconds if seconds > 0 else None}
+    joined = {k: torch.cat([c[k] for c in conds]) for k in conds[0]} if conds and conds[0] else {}
+    return torch.cat(chunks), joined, stats

@@ -32,4 +32,15 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-__all__ = ["FitContext", "Fitted", "Method", "all_methods", "get_method", "register_method"]
+def load_model(path, suite, teacher, device, nfe: int | None = None) -> Fitted:
+    """The sampler of any model file a method wrote, through the method named in its metadata."""
+    from sfdbench.networks.checkpoint import read_metadata
+
+    name = read_metadata(path).get("method")
+    if not name:
+        raise BadInput(f"{path} names no sfdbench method in its metadata; pass a model.safetensors written by "
+                       "`sfdbench run`")
+    return get_method(name).load(path, suite, teacher, device, nfe)
+
+
+__all__ = ["FitContext", "Fitted", "Method", "all_methods", "get_method", "load_model", "register_method"]

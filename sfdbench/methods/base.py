@@ -1,4 +1,5 @@
-"""The one interface every method implements, so the harness never branches on a name."""
+"""The one interface every method implements, so the harness never branches on a name
+(``docs/methods.md``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from sfdbench.errors import BadInput
 
 @dataclass
 class FitContext:
-    """What a method may use to fit itself: the suite's teacher and a private work folder."""
+    """What a method may use to fit itself: the suite (latent shape, conditioning, student
+    construction), the suite's teacher denoiser and its content id, and a private work folder.
+    ``devices`` is how many devices the fit runs on (for device-hours)."""
 
     suite: Any  # sfdbench.suites.base.Suite
     teacher: Denoiser
@@ -23,23 +26,28 @@ class FitContext:
     workdir: Path
     device: torch.device = torch.device("cpu")
     progress: Callable | None = None  # progress_bar(description, total) context manager
+    teacher_id: str = ""
+    devices: int = 1
 
 
 @dataclass
 class Fitted:
-    """A ready sampler. ``sample(denoiser, latents)`` maps unit-Gaussian latents to images in
-    [-1, 1] calling only ``denoiser`` (which the harness wraps to count NFE)."""
+    """A ready sampler. ``sample(denoiser, latents, cond)`` maps unit-Gaussian latents (and the
+    suite's per-sample conditioning ``cond``) to the final latent state, calling only ``denoiser``
+    (which the harness wraps to count NFE, and to guide). Methods add to ``cond``, never drop from it."""
 
     denoiser: Denoiser
-    sample: Callable[[Denoiser, torch.Tensor], torch.Tensor]
+    sample: Callable[..., torch.Tensor]
     nfe: int
     fine_tuning: dict | None = None  # accounting of the fit (None for training-free solvers)
     info: dict = field(default_factory=dict)
 
 
+@dataclass
 class Method:
-    """Base class: a name, a display name, a group, the NFEs it supports, its hyperparameters
-    for a (suite, NFE), and ``fit`` which returns a ``Fitted`` sampler."""
+    """A method: a name, a display name, a group, the NFEs it supports, its hyperparameters for a
+    (suite, NFE), ``fit`` which returns a ``Fitted`` sampler and, for methods that write model
+    files, ``load`` which rebuilds that sampler from one (``sfdbench sample``)."""
 
     name: str = ""
     display: str = ""
@@ -61,6 +69,9 @@ class Method:
         if not (self.supports(nfe) if suite is None else self.supports_in(suite, nfe)):
             raise BadInput(f"method {self.name!r} does not support NFE {nfe}; it supports {self.nfe_rule()}")
 
+    def check_suite(self, suite) -> None:
+        """Bad input when the method cannot run on ``suite`` at all (default: it can)."""
+
     def display_name(self, hp: dict) -> str:
         """The name tables show for a run with hyperparameters ``hp``."""
         return self.display
@@ -81,3 +92,7 @@ class Method:
 
     def fit(self, ctx: FitContext) -> Fitted:
         raise NotImplementedError
+
+    def load(self, path: Path, suite, teacher: Denoiser, device, nfe: int | None = None) -> Fitted:
+        """The sampler of a model file this method wrote (``sfdbench sample``)."""
+        raise BadInput(f"method {self.name!r} writes no model files")

@@ -2,49 +2,50 @@
 
 The whole network is fine-tuned so that ONE Euler step per interval of a coarse schedule
 t_0 > ... > t_{N-1} lands where a strong teacher solver (DPM-Solver++(3M) with K = M + 1 steps
-per student interval, on the nested fine schedule) lands. Data-free: only Gaussian noise.
-The spec is ``shared/docs/sfd-spec.md`` section 4; the reference's quirks we keep are noted
-where they matter (step-by-step optimiser updates, detached student trajectory, L1 summed
-over pixels and averaged over samples, AFS interval untrained, LR / 10 at half of training,
-NaN gradients zeroed).
+per student interval, on the nested fine schedule) lands. Data-free: only Gaussian noise (and,
+on conditional suites, the suite's training conditioning). The algorithm and the reference's
+quirks we keep (step-by-step optimiser updates, detached student trajectory, L1 summed over
+pixels and averaged over samples, AFS interval untrained, LR / 10 at half of training, NaN
+gradients zeroed) are in ``docs/algorithms.md``, "SFD training loop".
 
 The pieces shared with SFD-v (``sfd_v.py``) and the second stage (``sfd_stage2.py``) live here:
-``sfd_iteration`` (one batch of trajectories, any teacher solver, optional step conditions),
-``train_loop`` (seeded, checkpointed, resumable iterations with the NaN / fp16 bookkeeping),
-``save_student`` / ``load_fitted`` (the distilled model file and its sampler).
+``sfd_iteration`` (one batch of trajectories, any teacher solver, optional step conditions) and
+``load_fitted`` (a student's sampler); the training loop and model files are ``methods.training``.
 
-Precision: the reference trains in fp16 and, after a NaN loss, falls back to fp32 for good
-(spec 4.8). We train in fp32 by default (``precision="fp32"``; CPU, and the digits net is tiny);
-``precision="fp16-autocast"`` runs teacher and student under ``torch.autocast(float16)`` and
-implements the same fallback: at the start of an iteration, if the last loss of the previous
-one was NaN, switch to fp32 permanently (recorded in ``fit.json`` and the fit info).
+Precision: the reference trains in fp16 and, after a NaN loss, falls back to fp32 for good. We
+train in fp32 by default; ``precision="fp16-autocast"`` runs teacher and student under
+``torch.autocast(float16)`` with the same fallback (``methods.training.train_loop``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import io
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sfdbench.diffusion import solvers
-from sfdbench.diffusion.denoiser import CountingDenoiser, Denoiser, EDMPrecond, analytic_first_direction
-from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.diffusion.denoiser import Denoiser, analytic_first_direction
+from sfdbench.diffusion.schedules import DiscreteVP, get_schedule
 from sfdbench.errors import BadInput
-from sfdbench.harness.accounting import Accounting, Stopwatch, device_name
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
-from sfdbench.networks.checkpoint import atomic_write_bytes, load_weights, read_metadata, save_weights
+from sfdbench.methods.training import (
+    LoopSettings,
+    check_loop_settings,
+    fit_done,
+    load_student,
+    read_fit,
+    sanitize_gradients,
+    save_student,
+    train_loop,
+)
 
-TEACHER_SOLVERS = ("dpmpp", "heun", "dpm2", "ipndm", "euler")  # the reference's allowed teachers (spec 4.9)
+TEACHER_SOLVERS = ("dpmpp", "heun", "dpm2", "ipndm", "euler")  # the SFD reference's allowed teacher solvers
 LOSSES = ("l1", "l2", "lpips")
-PRECISIONS = ("fp32", "fp16-autocast")
 DPMPP_OPTIONS = ("max_order", "predict_x0", "lower_order_final", "thresholding")
 
 # ---------------------------------------------------------------------------------------------
@@ -62,22 +63,45 @@ def teacher_solver_options(solver: str, hp: dict) -> dict:
     return {}
 
 
-def teacher_targets(teacher: Denoiser, x_start: torch.Tensor, student_sigmas: torch.Tensor, m: int,
-                    schedule: str, rho: float, teacher_options: dict, *, solver: str = "dpmpp", afs: bool = False,
+@dataclass(frozen=True)
+class SFDStepConfig:
+    """The settings of one SFD iteration (``sfd_iteration``): M teacher steps inserted per student
+    interval, the schedule family (and the discrete-VP table for ``discrete``), AFS on the student's
+    first interval, the teacher solver with its options and its own AFS, the loss, and whether the
+    last interval adds LPIPS (the second stage)."""
+
+    m: int = 3
+    schedule: str = "polynomial"
+    rho: float = 7.0
+    afs: bool = True
+    teacher_solver: str = "dpmpp"
+    teacher_options: tuple = ()
+    teacher_afs: bool = False
+    loss: str = "l1"
+    last_step_lpips: bool = False
+    vp: DiscreteVP | None = field(default=None, compare=False)
+
+
+def schedule(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float, vp: DiscreteVP | None = None
+             ) -> torch.Tensor:
+    """``get_schedule`` with the suite's discrete-VP table passed where the schedule needs it."""
+    return get_schedule(kind, n, sigma_min, sigma_max, rho, **({"vp": vp} if kind == "discrete" else {}))
+
+
+def teacher_targets(teacher: Denoiser, x_start: torch.Tensor, student_sigmas: torch.Tensor, cfg: SFDStepConfig,
                     cond: dict | None = None) -> torch.Tensor:
     """Teacher states at the student timestamps t_1..t_{N-1}: shape [N-1, *x.shape].
 
-    The teacher (default DPM-Solver++ with ``teacher_options``, without AFS; the second stage uses
-    Euler with the first-stage model's AFS and step condition ``cond``) runs on the nested
-    schedule of N_T = (M+1)(N-1)+1 timestamps from the same formula, so teacher index (M+1)k is
-    student index k (spec 4.3)."""
+    The teacher (``cfg.teacher_solver`` with its options and AFS) runs on the nested schedule of
+    N_T = (M+1)(N-1)+1 timestamps from the same formula, so teacher index (M+1)k is student index k
+    (SFD paper, Sec. 3.2; ``docs/algorithms.md``, "SFD training loop")."""
     n = len(student_sigmas)
-    k = m + 1
+    k = cfg.m + 1
     sigma_min, sigma_max = float(student_sigmas[-1]), float(student_sigmas[0])
-    teacher_sigmas = get_schedule(schedule, k * (n - 1) + 1, sigma_min, sigma_max, rho)
+    teacher_sigmas = schedule(cfg.schedule, k * (n - 1) + 1, sigma_min, sigma_max, cfg.rho, cfg.vp)
     with torch.no_grad():
-        traj = solvers.trajectory(solvers.SOLVERS[solver], teacher, x_start, teacher_sigmas, afs=afs, cond=cond,
-                                  **teacher_options)
+        traj = solvers.trajectory(solvers.SOLVERS[cfg.teacher_solver], teacher, x_start, teacher_sigmas,
+                                  afs=cfg.teacher_afs, cond=cond, **dict(cfg.teacher_options))
     return traj[k::k]
 
 
@@ -89,7 +113,8 @@ def student_euler_step(student: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, 
 
 
 def l1_sum_mean(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum of |prediction - target| over pixels, mean over samples (spec 4.5)."""
+    """Sum of |prediction - target| over pixels, mean over samples (the SFD reference's L1;
+    ``docs/algorithms.md#sfd-training-loop``)."""
     return (prediction - target).abs().flatten(1).sum(1).mean()
 
 
@@ -99,9 +124,9 @@ def l2_sum_mean(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def lpips_term(lpips: Callable, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The reference's LPIPS weighting (spec 6, 10.8, 11.17): the batch mean of per-sample LPIPS is
-    added to every element before the sum-over-pixels / mean-over-samples reduction, so it
-    counts C*H*W times relative to the per-sample L1 sum."""
+    """The SFD reference's LPIPS weighting (``docs/algorithms.md#second-stage-sfd``): the batch mean
+    of per-sample LPIPS is added to every element before the sum-over-pixels / mean-over-samples
+    reduction, so it counts C*H*W times relative to the per-sample L1 sum."""
     return lpips(prediction, target).mean() * prediction[0].numel()
 
 
@@ -117,49 +142,34 @@ def interval_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor, lpi
     raise ValueError(f"unknown SFD loss {kind!r}; known: {', '.join(LOSSES)}")
 
 
-def sanitize_gradients(params) -> int:
-    """NaN -> 0, +inf -> 1e5, -inf -> -1e5 in place (spec 4.4.3); returns how many were bad."""
-    bad = 0
-    for p in params:
-        if p.grad is not None:
-            finite = torch.isfinite(p.grad)
-            if not finite.all():
-                bad += int((~finite).sum())
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-    return bad
-
-
 def _autocast(device: torch.device, fp16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fp16)
 
 
-def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.Optimizer,
-                  latents: torch.Tensor, sigmas: torch.Tensor, m: int, schedule: str, rho: float,
-                  afs: bool, teacher_options: dict, *, teacher_solver: str = "dpmpp", teacher_afs: bool = False,
-                  student_cond: dict | None = None, teacher_cond: dict | None = None, loss: str = "l1",
-                  lpips: Callable | None = None, last_step_lpips: bool = False, fp16: bool = False) -> dict:
-    """One SFD training iteration on one batch of trajectories (spec 4.4).
+def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
+                  sigmas: torch.Tensor, cfg: SFDStepConfig, *, student_cond: dict | None = None,
+                  teacher_cond: dict | None = None, lpips: Callable | None = None, fp16: bool = False) -> dict:
+    """One SFD training iteration on one batch of trajectories (SFD paper, Algorithm 1).
 
     For each interval k in order: one Euler student step from the student's own (detached)
     state, the loss to the teacher state at t_{k+1}, and an immediate optimiser step. The AFS
-    interval (k = 0) has no network call and is not trained. SFD-v passes ``student_cond``
-    (its step condition); the second stage also ``teacher_cond``, an Euler teacher with its own
-    AFS, and ``last_step_lpips`` (LPIPS added on the last interval, spec 6). ``fp16`` runs the
-    networks under float16 autocast."""
+    interval (k = 0) has no network call and is not trained. ``student_cond`` / ``teacher_cond``
+    carry the suite's conditioning (plus SFD-v's step condition); the second stage also uses an
+    Euler teacher with its own AFS and ``cfg.last_step_lpips``. ``fp16`` runs the networks under
+    float16 autocast."""
     sigmas = sigmas.to(latents.dtype)
     x = latents * sigmas[0]
     with _autocast(x.device, fp16):
-        targets = teacher_targets(teacher, x, sigmas, m, schedule, rho, teacher_options, solver=teacher_solver,
-                                  afs=teacher_afs, cond=teacher_cond)
+        targets = teacher_targets(teacher, x, sigmas, cfg, teacher_cond)
     losses, bad_grads = [], 0
     intervals = len(sigmas) - 1
     for k in range(intervals):
-        analytic = afs and k == 0
+        analytic = cfg.afs and k == 0
         optimizer.zero_grad(set_to_none=True)
         with _autocast(x.device, fp16):
             x_next = student_euler_step(student, x, sigmas[k], sigmas[k + 1], analytic, **(student_cond or {}))
-        loss_k = interval_loss(loss, x_next, targets[k], lpips)
-        if last_step_lpips and k == intervals - 1 and not analytic:
+        loss_k = interval_loss(cfg.loss, x_next, targets[k], lpips)
+        if cfg.last_step_lpips and k == intervals - 1 and not analytic:
             loss_k = loss_k + lpips_term(lpips, x_next, targets[k])
         if not analytic:
             loss_k.backward()
@@ -167,12 +177,15 @@ def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.O
             optimizer.step()
         losses.append(float(loss_k.detach()))
         x = x_next.detach()
-    return {"losses": losses, "bad_gradients": bad_grads, "loss_nan": any(math.isnan(v) for v in losses)}
+    trained = losses[int(cfg.afs):]
+    return {"losses": losses, "bad_gradients": bad_grads, "loss_nan": any(math.isnan(v) for v in losses),
+            "shown_loss": sum(trained)}
 
 
 def lr_at(iteration: int, iterations: int, lr: float) -> float:
-    """Reference LR rule: after the iteration whose pre-increment counter reaches half of training,
-    the LR is divided by 10 for all later iterations (spec 4.6)."""
+    """The reference's LR rule: after the iteration whose pre-increment counter reaches half of
+    training, the LR is divided by 10 for all later iterations (``docs/algorithms.md``, "SFD
+    training loop")."""
     return lr / 10 if iteration >= 1 and (iteration - 1) >= iterations / 2 else lr
 
 
@@ -182,13 +195,13 @@ def lpips_loss() -> tuple[Callable | None, str]:
 
     The reference uses ``piq.LPIPS(replace_pooling=True, reduction="none")`` (torchvision's
     ImageNet VGG16 + the official LPIPS linear weights, both downloaded on first use) and feeds
-    it [-1, 1] images unchanged after a bilinear resize to 224x224 (spec 6, 11.16). Single-channel
+    it [-1, 1] images unchanged after a bilinear resize to 224x224 (the SFD reference's loss). Single-channel
     images are repeated to 3 channels. Offline without piq or its cached weights, it cannot run."""
     try:
         import piq  # noqa: F401  (optional; not a dependency of sfdbench)
     except ImportError:
         return None, ("the piq package is not installed and torchvision's VGG16 ImageNet weights cannot be "
-                      "downloaded offline; the digits images are 1-channel 8x8 anyway")
+                      "downloaded offline")
     try:
         metric = piq.LPIPS(replace_pooling=True, reduction="none")
     except Exception as exc:  # a download that fails offline surfaces here, as whatever piq raises
@@ -206,92 +219,7 @@ def lpips_loss() -> tuple[Callable | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resumable training loop, model files
-
-
-def iteration_seed(fit_seed: int, iteration: int) -> int:
-    return (fit_seed * 1_000_003 + iteration) % 2**32
-
-
-def train_loop(workdir: Path, student: EDMPrecond, teacher: Denoiser, hp: dict, device: torch.device,
-               shape: tuple[int, ...], description: str, progress,
-               step: Callable[..., dict]) -> tuple[Accounting, dict]:
-    """Run ``hp["iterations"]`` iterations of ``step(it, latents, optimizer, teacher, fp16) -> out``
-    (``out`` as ``sfd_iteration`` returns it), resuming from ``workdir/checkpoint.pt`` and writing
-    it atomically every ``hp["checkpoint_every"]`` iterations.
-
-    Each iteration's noise and dropout masks come from a seed derived from (fit_seed, iteration),
-    so a resumed fit replays exactly what an uninterrupted one would. The teacher is wrapped to
-    count its evaluations; the wall time (teacher trajectories included) accumulates over resumed
-    sessions. Returns the accounting and the log (NaN-loss iterations, sanitised gradient
-    entries, teacher evaluations, precision and when the fp16 -> fp32 fallback fired)."""
-    optimizer = torch.optim.Adam(student.parameters(), lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8)
-    ckpt_path = workdir / "checkpoint.pt"
-    state = _load_checkpoint(ckpt_path, student, optimizer)
-    start_it, watch, log = state["iteration"], Stopwatch(state["wall_seconds"]), state["log"]
-    log.setdefault("teacher_evaluations", 0)
-    log.setdefault("precision", hp.get("precision", "fp32"))
-    log.setdefault("fp16_fallback_iteration", None)
-    log.setdefault("last_loss_nan", False)
-    iterations = hp["iterations"]
-    progress = progress or _null_progress
-    with progress(description, iterations) as advance:
-        advance(start_it)
-        for it in range(start_it, iterations):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, iterations, hp["lr"])
-            if log["last_loss_nan"] and log["precision"] != "fp32":  # spec 4.8: permanent fallback to fp32
-                log["precision"], log["fp16_fallback_iteration"] = "fp32", it
-            counted = CountingDenoiser(teacher)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(iteration_seed(hp["fit_seed"], it))
-                latents = torch.randn(shape, device=device)
-                out = step(it, latents, optimizer, counted, log["precision"] != "fp32")
-            log["bad_gradients"] += out["bad_gradients"]
-            log["nan_loss_iterations"] += int(out["loss_nan"])
-            log["last_loss_nan"] = math.isnan(out["losses"][-1])
-            log["teacher_evaluations"] += counted.samples
-            log["loss_last"] = out["losses"]
-            trained = out["losses"][int(hp["afs"]):]
-            advance(info=f"{hp.get('loss', 'l1')} {sum(trained):.3f}")
-            if (it + 1) % hp["checkpoint_every"] == 0 and it + 1 < iterations:
-                _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log)
-    return Accounting(watch.seconds, device_name(device), 1), log
-
-
-def save_student(workdir: Path, student: EDMPrecond, hp: dict, sampling: dict, accounting: Accounting, log: dict,
-                 **extra) -> None:
-    """Write ``model.safetensors`` (+ its sampling settings) and then ``fit.json`` (both atomic;
-    a fit counts as done only when both exist), then drop the checkpoint.
-
-    The compute accounting is explicit: wall time of the whole loop, teacher trajectories
-    included (``includes_teacher_trajectories``), their count and the teacher evaluations."""
-    meta = {"kind": "sfd-student", "config": student.net.config, "sigma_data": student.sigma_data,
-            "sampling": sampling, "hyperparameters": hp}
-    save_weights(student.net, workdir / "model.safetensors", meta)
-    fit = {"fine_tuning": accounting.to_dict(), "hyperparameters": hp, "sampling": sampling, **log,
-           "teacher_trajectories": hp["iterations"] * hp["batch"], "includes_teacher_trajectories": True,
-           "device": accounting.device, "devices": accounting.devices, "loss": hp.get("loss"), **extra}
-    atomic_write_bytes(workdir / "fit.json", (json.dumps(fit, indent=2) + "\n").encode())
-    (workdir / "checkpoint.pt").unlink(missing_ok=True)
-
-
-def fit_done(workdir: Path) -> bool:
-    return (workdir / "model.safetensors").is_file() and (workdir / "fit.json").is_file()
-
-
-def load_student(path: Path, device) -> tuple[EDMPrecond, dict]:
-    """A distilled student (eval mode, frozen) and its metadata."""
-    from sfdbench.networks.digits_unet import DigitsUNet
-
-    meta = read_metadata(path)
-    if meta.get("kind") != "sfd-student" or "sampling" not in meta:
-        raise BadInput(f"{path} is not an sfdbench SFD student (its metadata has no sampling settings)")
-    net = load_weights(DigitsUNet(**meta["config"]), path)
-    s = meta["sampling"]
-    student = EDMPrecond(net, s["sigma_min"], s["sigma_max"], meta["sigma_data"]).to(device).eval()
-    student.requires_grad_(False)
-    return student, meta
+# A student's sampler
 
 
 INFO_KEYS = ("bad_gradients", "nan_loss_iterations", "includes_teacher_trajectories", "teacher_trajectories",
@@ -301,30 +229,35 @@ OPTIONAL_INFO_KEYS = ("num_steps_drawn", "first_stage_model", "fine_tuning_first
                       "teacher_trajectories_first_stage")
 
 
-def load_fitted(path: Path, teacher: EDMPrecond, device, nfe: int | None = None) -> Fitted:
-    """Load a distilled student (safetensors + its sampling settings) as a ``Fitted`` sampler:
-    Euler (+ AFS when trained with it) on the stored schedule.
+def sampling_at(s: dict, nfe: int | None, path: Path) -> dict:
+    """A model's stored sampling settings at ``nfe``: a step-conditioned model trained on several
+    step counts (SFD-v) samples at any NFE whose N = NFE + 1 + AFS it was trained on; any other
+    model has one NFE."""
+    s = dict(s)
+    if nfe is None or nfe == s["nfe"]:
+        return s
+    low_high = s.get("variable_num_steps")
+    n = nfe + 1 + int(s["afs"])
+    if not low_high:
+        raise BadInput(f"{path} was distilled for NFE {s['nfe']} only, not NFE {nfe}")
+    if not low_high[0] <= n <= low_high[1]:
+        raise BadInput(f"{path} was trained for N = {low_high[0]}..{low_high[1]} timestamps "
+                       f"(NFE {low_high[0] - 1 - int(s['afs'])}..{low_high[1] - 1 - int(s['afs'])}), not NFE {nfe}")
+    s["num_steps"], s["nfe"] = n, nfe
+    return s
 
-    A step-conditioned model trained on several step counts (SFD-v) samples at any ``nfe`` whose
-    N = NFE + 1 + AFS it was trained on, with step condition N (spec 5.3); without ``nfe`` it uses
-    its stored default (like the reference's stored ``num_steps``). Any other model has one NFE."""
-    student, meta = load_student(path, device)
-    s = dict(meta["sampling"])
-    if nfe is not None and nfe != s["nfe"]:
-        low_high = s.get("variable_num_steps")
-        n = nfe + 1 + int(s["afs"])
-        if not low_high:
-            raise BadInput(f"{path} was distilled for NFE {s['nfe']} only, not NFE {nfe}")
-        if not low_high[0] <= n <= low_high[1]:
-            raise BadInput(f"{path} was trained for N = {low_high[0]}..{low_high[1]} timestamps "
-                           f"(NFE {low_high[0] - 1 - int(s['afs'])}..{low_high[1] - 1 - int(s['afs'])}), not NFE {nfe}")
-        s["num_steps"], s["nfe"] = n, nfe
-    sigmas = get_schedule(s["schedule"], s["num_steps"], s["sigma_min"], s["sigma_max"], s["rho"])
-    cond = {"step_condition": s["num_steps"]} if s.get("step_condition") else None
-    sample = solvers.sampler(solvers.euler, sigmas, afs=s["afs"], cond=cond)
 
-    fit_json = Path(path).parent / "fit.json"
-    fit = json.loads(fit_json.read_text()) if fit_json.is_file() else {}
+def load_fitted(path: Path, suite, teacher: Denoiser, device, nfe: int | None = None) -> Fitted:
+    """A distilled student (safetensors + its sampling settings) as a ``Fitted`` sampler: Euler (+ AFS
+    when trained with it) on the stored schedule, adding the step condition N to the suite's
+    conditioning when the model is step-conditioned (SFD paper, Sec. 4.2). Without ``nfe`` it uses
+    its stored default (like the reference's stored ``num_steps``)."""
+    student, meta = load_student(path, suite, teacher, device)
+    s = sampling_at(meta["sampling"], nfe, path)
+    sigmas = schedule(s["schedule"], s["num_steps"], s["sigma_min"], s["sigma_max"], s["rho"], suite.discrete_vp)
+    add = {"step_condition": s["num_steps"]} if s.get("step_condition") else None
+    sample = solvers.sampler(solvers.euler, sigmas, afs=s["afs"], add_cond=add)
+    fit = read_fit(Path(path).parent)
     info = {"sampling": s, "loss": fit.get("loss") or meta.get("hyperparameters", {}).get("loss"),
             **{k: fit.get(k) for k in INFO_KEYS}, **{k: fit[k] for k in OPTIONAL_INFO_KEYS if k in fit}}
     return Fitted(denoiser=student, sample=sample, nfe=s["nfe"], fine_tuning=fit.get("fine_tuning"), info=info)
@@ -336,13 +269,12 @@ def load_fitted(path: Path, teacher: EDMPrecond, device, nfe: int | None = None)
 
 @dataclass
 class SFDMethod(Method):
-    name: str = "sfd"
-    display: str = "SFD"
-    group: str = "distillation"
-    description: str = "Simple and Fast Distillation, first stage: one model per NFE, Euler + AFS"
+    """First-stage SFD: one model per NFE, Euler + AFS.
 
-    # Defaults: the paper's CIFAR-10 settings (spec 4.9) except the training length, batch and
-    # learning rate, which are the digits suite's (see ``SUITE_OVERRIDES``).
+    Defaults: the paper's CIFAR-10 settings (SFD paper, Appendix, training details) except the
+    training length, batch and learning rate, which suites set in ``method_options``."""
+
+    group: str = "distillation"
     sigma_min: float = 0.006
     schedule: str = "polynomial"
     rho: float = 7.0
@@ -353,7 +285,7 @@ class SFDMethod(Method):
     lr: float = 5e-5
     fit_seed: int = 0
     checkpoint_every: int = 50
-    # The reference's fp16 teacher silently skips thresholding (spec 10.3); we default to that.
+    # The reference's fp16 teacher silently skips thresholding; we default to that.
     teacher_options: tuple = (("max_order", 3), ("predict_x0", True), ("lower_order_final", True),
                               ("thresholding", False))
 
@@ -365,11 +297,11 @@ class SFDMethod(Method):
 
     def default_hyperparameters(self, suite, nfe: int) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": suite.sigma_max, "schedule": self.schedule, "rho": self.rho,
-              "num_steps": nfe + 1 + int(self.afs), "M": self.m, "afs": self.afs, "teacher_solver": "dpmpp",
-              **dict(self.teacher_options), "iterations": self.iterations, "batch": self.batch, "lr": self.lr,
-              "lr_drop": "x0.1 at half", "loss": "l1", "optimizer": "adam(0.9,0.999,1e-8)",
-              "student_mode": "train (dropout on)", "fit_seed": self.fit_seed, "precision": "fp32",
-              "sampler": "euler", "checkpoint_every": self.checkpoint_every}
+                "num_steps": nfe + 1 + int(self.afs), "M": self.m, "afs": self.afs, "teacher_solver": "dpmpp",
+                **dict(self.teacher_options), "iterations": self.iterations, "batch": self.batch, "lr": self.lr,
+                "lr_drop": "x0.1 at half", "loss": "l1", "optimizer": "adam(0.9,0.999,1e-8)",
+                "student_mode": "train (dropout on)", "fit_seed": self.fit_seed, "precision": "fp32",
+                "sampler": "euler", "checkpoint_every": self.checkpoint_every}
 
     def hyperparameters(self, suite, nfe: int) -> dict:
         hp = super().hyperparameters(suite, nfe)
@@ -382,20 +314,18 @@ class SFDMethod(Method):
 
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
-        final = ctx.workdir / "model.safetensors"
         if not fit_done(ctx.workdir):
-            train_sfd(ctx, hp)
-        return load_fitted(final, ctx.teacher, ctx.device)
+            train_sfd(ctx, hp, self.name)
+        return load_fitted(ctx.workdir / "model.safetensors", ctx.suite, ctx.teacher, ctx.device)
 
+    def load(self, path: Path, suite, teacher: Denoiser, device, nfe: int | None = None) -> Fitted:
+        return load_fitted(path, suite, teacher, device, nfe=nfe)
 
-def check_loop_settings(name: str, hp: dict, counts: tuple[str, ...]) -> None:
-    """What ``train_loop`` needs of every fine-tuning method: a known precision and the ``counts``
-    (iterations, batch, ...) integers >= 1."""
-    if hp["precision"] not in PRECISIONS:
-        raise BadInput(f"{name}: precision {hp['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    for key in counts:
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
-            raise BadInput(f"{name}: {key} must be an integer >= 1, got {hp[key]!r}")
+    def unavailable(self, hp: dict) -> str | None:
+        """Why a run with ``hp`` cannot happen here (e.g. LPIPS offline), or None."""
+        if hp.get("loss") == "lpips" and lpips_loss()[0] is None:
+            return lpips_loss()[1]
+        return None
 
 
 def check_training_hyperparameters(name: str, hp: dict) -> None:
@@ -415,59 +345,40 @@ def check_training_hyperparameters(name: str, hp: dict) -> None:
         raise BadInput(f"{name}: an iPNDM teacher needs max_order 1-4, got {hp['max_order']}")
 
 
-def train_sfd(ctx: FitContext, hp: dict) -> None:
-    """Fine-tune a copy of the teacher with SFD, checkpointing every ``checkpoint_every``
-    iterations, and write ``model.safetensors`` (+ sampling settings) and ``fit.json``."""
-    teacher = ctx.teacher
-    if not isinstance(teacher, EDMPrecond):
-        raise BadInput("SFD needs an EDM-preconditioned teacher network")
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"]).to(ctx.device)
-    teacher_options = teacher_solver_options(hp["teacher_solver"], hp)
+def step_config(hp: dict, vp: DiscreteVP | None, m: int | None = None) -> SFDStepConfig:
+    """The iteration settings of first-stage SFD / SFD-v hyperparameters ``hp``."""
+    options = teacher_solver_options(hp["teacher_solver"], hp)
+    return SFDStepConfig(m=hp["M"] if m is None else m, schedule=hp["schedule"], rho=hp["rho"], afs=hp["afs"],
+                         teacher_solver=hp["teacher_solver"], teacher_options=tuple(options.items()),
+                         loss=hp["loss"], vp=vp)
+
+
+def learning_rate(hp: dict) -> Callable[[int], float]:
+    return functools.partial(lr_at, iterations=hp["iterations"], lr=hp["lr"])
+
+
+def train_sfd(ctx: FitContext, hp: dict, method: str = "sfd") -> None:
+    """Fine-tune the suite's student (a copy of the teacher) with SFD, checkpointing every
+    ``checkpoint_every`` iterations, and write ``model.safetensors`` (+ sampling settings) and ``fit.json``."""
+    suite = ctx.suite
+    student = suite.make_student(ctx.teacher)
+    sigmas = schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
+                      suite.discrete_vp).to(ctx.device)
+    cfg = step_config(hp, suite.discrete_vp)
     lpips = lpips_loss()[0] if hp["loss"] == "lpips" else None
 
-    def step(it, latents, optimizer, counted_teacher, fp16):
-        return sfd_iteration(student, counted_teacher, optimizer, latents, sigmas, hp["M"], hp["schedule"], hp["rho"],
-                             hp["afs"], teacher_options, teacher_solver=hp["teacher_solver"], loss=hp["loss"],
-                             lpips=lpips, fp16=fp16)
+    def step(model, latents, cond, optimizer, counted_teacher, fp16, it):
+        return sfd_iteration(model, counted_teacher, optimizer, latents, sigmas, cfg, student_cond=cond,
+                             teacher_cond=cond, lpips=lpips, fp16=fp16)
 
-    accounting, log = train_loop(ctx.workdir, student, teacher, hp, ctx.device, (hp["batch"], *ctx.suite.image_shape),
-                                 f"fit sfd NFE {ctx.nfe}", ctx.progress, step)
+    accounting, log = train_loop(ctx.workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
+                                 learning_rate(hp), ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}",
+                                 ctx.progress, step, conditioning=suite.training_conditioning, devices=ctx.devices)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
                 "nfe": ctx.nfe}
-    save_student(ctx.workdir, student, hp, sampling, accounting, log)
+    save_student(ctx.workdir, student, method, suite.name, hp, sampling, accounting, log)
 
 
-def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict) -> None:
-    buf = io.BytesIO()
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "iteration": iteration, "wall_seconds": wall, "log": json.dumps(log)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_checkpoint(path: Path, student, optimizer) -> dict:
-    fresh = {"iteration": 0, "wall_seconds": 0.0, "log": {"bad_gradients": 0, "nan_loss_iterations": 0}}
-    if not path.is_file():
-        return fresh
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no code execution
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-    except Exception as exc:
-        raise BadInput(f"corrupt checkpoint {path} ({exc}); delete it to restart this fit") from exc
-    return {"iteration": state["iteration"], "wall_seconds": state["wall_seconds"], "log": json.loads(state["log"])}
-
-
-class _null_progress:
-    def __init__(self, *args):
-        pass
-
-    def __enter__(self):
-        return lambda *a, **k: None
-
-    def __exit__(self, *exc):
-        return False
-
-
-register_method(SFDMethod())
+register_method(SFDMethod(name="sfd", display="SFD",
+                          description="Simple and Fast Distillation, first stage: one model per NFE, Euler + AFS"))

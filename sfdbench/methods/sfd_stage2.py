@@ -1,17 +1,18 @@
-"""Second-stage SFD: one NFE (``shared/docs/sfd-spec.md`` section 6).
+"""Second-stage SFD: one NFE (SFD paper, Zhou et al. 2024, Sec. 4.3; ``docs/algorithms.md``,
+"Second-stage SFD").
 
-The first-stage model is the SFD-v model (trained, or reused, through SFD-v's shared folder:
-``sfd_v.SFDVMethod.ensure_model``). It is both the teacher (a frozen copy in eval mode) and the
-student's initialisation. Teacher: Euler with the first-stage model's own AFS on N_T =
-(M+1)(N-1)+1 = 7 timestamps and step condition 7; student: Euler with N = 3 and AFS, so interval
-0 is analytic (untrained) and interval 1 is the one trained step -> 1 NFE, step condition 3.
-The schedule (type, rho, sigma range) is the first stage's, for teacher and student alike
-(spec 11.5: stored as the effective values).
+The first-stage model is the SFD-v model, obtained through SFD-v's API
+(``sfd_v.SFDVMethod.ensure_model``: trained, or reused from its shared folder). It is both the
+teacher (a frozen copy in eval mode) and the student's initialisation. Teacher: Euler with the
+first-stage model's own AFS on N_T = (M+1)(N-1)+1 = 7 timestamps and step condition 7; student:
+Euler with N = 3 and AFS, so interval 0 is analytic (untrained) and interval 1 is the one trained
+step -> 1 NFE, step condition 3. The schedule (type, rho, sigma range) is the first stage's, for
+teacher and student alike.
 
 Loss: L1 on every interval plus, on the last one, the batch-mean LPIPS weighted by C*H*W (the
-reference's implicit weight, spec 6 / 11.17) where LPIPS can run. Offline it cannot
-(``sfd.lpips_loss`` says why: no piq / VGG16 weights; and the digits images are 1-channel 8x8):
-then the loss is L1 alone and the fit info says ``"l1 (lpips unavailable: <reason>)"``.
+reference's implicit weight) where LPIPS can run. Offline it cannot (``sfd.lpips_loss`` says
+why: no piq / VGG16 weights): then the loss is L1 alone
+and the fit info says ``"l1 (lpips unavailable: <reason>)"``.
 
 Compute accounting: ``fine_tuning`` is the whole cost of the 1-NFE model, first stage included
 (``fine_tuning_first_stage`` and ``fine_tuning_second_stage`` in the fit info give the split).
@@ -19,27 +20,24 @@ Compute accounting: ``fine_tuning`` is the whole cost of the 1-NFE model, first 
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.diffusion.denoiser import Denoiser
 from sfdbench.errors import BadInput
-from sfdbench.harness.accounting import Accounting
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
-from sfdbench.methods.sfd import (
+from sfdbench.methods.sfd import SFDStepConfig, learning_rate, load_fitted, lpips_loss, schedule, sfd_iteration
+from sfdbench.methods.sfd_v import SFDVMethod, TrainedModel
+from sfdbench.methods.training import (
+    Accounting,
+    LoopSettings,
     check_loop_settings,
     fit_done,
-    load_fitted,
     load_student,
-    lpips_loss,
     save_student,
-    sfd_iteration,
     train_loop,
 )
-from sfdbench.methods.sfd_v import SFDVMethod
 
 LOSSES = ("l1+lpips", "l1")
 # Fixed by the method or by its first stage (set those on sfd-v instead)
@@ -49,14 +47,10 @@ FIXED = ("first_stage", "num_steps", "M", "teacher_solver", "teacher_num_steps",
 
 @dataclass
 class SFDStage2Method(Method):
-    name: str = "sfd-stage2"
-    display: str = "SFD (2nd stage)"
     group: str = "distillation"
-    description: str = "second-stage SFD: the SFD-v model distilled to 1 NFE (Euler N=3 + AFS; teacher itself, N=7)"
-
     num_steps: int = 3
     m: int = 2
-    iterations: int = 15625  # 2000 kimg at batch 128 (spec 4.9)
+    iterations: int = 15625  # 2000 kimg at batch 128 (the paper's CIFAR-10 length)
     batch: int = 128
     lr: float = 5e-4  # the paper's stage-2 lr (10x its first stage)
     fit_seed: int = 0
@@ -108,10 +102,12 @@ class SFDStage2Method(Method):
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
         if not fit_done(ctx.workdir):
-            first_model = self.first_stage().ensure_model(ctx.suite, ctx.teacher, ctx.workdir.parent, ctx.device,
-                                                          ctx.progress)
-            train_stage2(ctx, hp, first_model)
-        return load_fitted(ctx.workdir / "model.safetensors", ctx.teacher, ctx.device)
+            first = self.first_stage().ensure_model(ctx, ctx.workdir.parent)
+            train_stage2(ctx, hp, first, self.name)
+        return load_fitted(ctx.workdir / "model.safetensors", ctx.suite, ctx.teacher, ctx.device)
+
+    def load(self, path: Path, suite, teacher: Denoiser, device, nfe: int | None = None) -> Fitted:
+        return load_fitted(path, suite, teacher, device, nfe=nfe)
 
 
 def resolve_loss(kind: str):
@@ -124,39 +120,47 @@ def resolve_loss(kind: str):
     return lpips, "l1 + lpips (last interval, weight C*H*W)"
 
 
-def train_stage2(ctx: FitContext, hp: dict, first_model: Path) -> None:
-    teacher, meta = load_student(first_model, ctx.device)  # frozen, eval mode (dropout off)
-    first = meta["sampling"]
+def train_stage2(ctx: FitContext, hp: dict, first: TrainedModel, method: str = "sfd-stage2") -> None:
+    suite = ctx.suite
+    teacher, meta = load_student(first.path, suite, ctx.teacher, ctx.device)  # frozen, eval mode (dropout off)
+    s = meta["sampling"]
     for key in ("schedule", "rho", "sigma_min", "sigma_max"):
-        if first[key] != hp[key]:
-            raise BadInput(f"{first_model}: first-stage {key} {first[key]!r} differs from the second stage's "
+        if s[key] != hp[key]:
+            raise BadInput(f"{first.path}: first-stage {key} {s[key]!r} differs from the second stage's "
                            f"{hp[key]!r}; delete that fit folder")
-    conditioned = bool(first.get("step_condition"))
-    if conditioned and not first["variable_num_steps"][0] <= hp["teacher_num_steps"] <= first["variable_num_steps"][1]:
-        raise BadInput(f"{first_model} was trained on N = {first['variable_num_steps']}, not the teacher's "
+    conditioned = bool(s.get("step_condition"))
+    if conditioned and not s["variable_num_steps"][0] <= hp["teacher_num_steps"] <= s["variable_num_steps"][1]:
+        raise BadInput(f"{first.path} was trained on N = {s['variable_num_steps']}, not the teacher's "
                        f"N = {hp['teacher_num_steps']}")
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"]).to(ctx.device)
+    student = suite.make_student(teacher)
+    sigmas = schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
+                      suite.discrete_vp).to(ctx.device)
     lpips, loss_text = resolve_loss(hp["loss"])
-    student_cond = {"step_condition": hp["step_condition"]} if conditioned else None
-    teacher_cond = {"step_condition": hp["teacher_step_condition"]} if conditioned else None
+    cfg = SFDStepConfig(m=hp["M"], schedule=hp["schedule"], rho=hp["rho"], afs=hp["afs"],
+                        teacher_solver=hp["teacher_solver"], teacher_afs=hp["teacher_afs"], loss="l1",
+                        last_step_lpips=lpips is not None, vp=suite.discrete_vp)
+    student_step = {"step_condition": hp["step_condition"]} if conditioned else {}
+    teacher_step = {"step_condition": hp["teacher_step_condition"]} if conditioned else {}
 
-    def step(it, latents, optimizer, counted_teacher, fp16):
-        return sfd_iteration(student, counted_teacher, optimizer, latents, sigmas, hp["M"], hp["schedule"], hp["rho"],
-                             hp["afs"], {}, teacher_solver=hp["teacher_solver"], teacher_afs=hp["teacher_afs"],
-                             student_cond=student_cond, teacher_cond=teacher_cond, loss="l1", lpips=lpips,
-                             last_step_lpips=lpips is not None, fp16=fp16)
+    def step(model, latents, cond, optimizer, counted_teacher, fp16, it):
+        return sfd_iteration(model, counted_teacher, optimizer, latents, sigmas, cfg,
+                             student_cond={**cond, **student_step}, teacher_cond={**cond, **teacher_step},
+                             lpips=lpips, fp16=fp16)
 
-    second, log = train_loop(ctx.workdir, student, teacher, hp, ctx.device, (hp["batch"], *ctx.suite.image_shape),
-                             f"fit sfd-stage2 NFE {ctx.nfe}", ctx.progress, step)
-    first_fit = json.loads((first_model.parent / "fit.json").read_text())
-    total = Accounting(first_fit["fine_tuning"]["wall_seconds"] + second.wall_seconds, second.device, second.devices)
+    second, log = train_loop(ctx.workdir, student, teacher, LoopSettings.from_hyperparameters(hp), learning_rate(hp),
+                             ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}", ctx.progress, step,
+                             conditioning=suite.training_conditioning, devices=ctx.devices)
+    first_cost = first.fit["fine_tuning"]
+    total = Accounting(first_cost["wall_seconds"] + second.wall_seconds, second.device, second.devices)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "nfe": ctx.nfe, "sigma_min": hp["sigma_min"],
                 "sigma_max": hp["sigma_max"], "step_condition": conditioned}
-    save_student(ctx.workdir, student, hp, sampling, total, log, loss=loss_text, first_stage_model=str(first_model),
-                 fine_tuning_first_stage=first_fit["fine_tuning"], fine_tuning_second_stage=second.to_dict(),
-                 teacher_trajectories_first_stage=first_fit["teacher_trajectories"])
+    save_student(ctx.workdir, student, method, suite.name, hp, sampling, total, log, loss=loss_text,
+                 first_stage_model=str(first.path), fine_tuning_first_stage=first_cost,
+                 fine_tuning_second_stage=second.to_dict(),
+                 teacher_trajectories_first_stage=first.fit["teacher_trajectories"])
 
 
-register_method(SFDStage2Method())
+register_method(SFDStage2Method(name="sfd-stage2", display="SFD (2nd stage)",
+                                description="second-stage SFD: the SFD-v model distilled to 1 NFE (Euler N=3 + AFS; "
+                                            "teacher itself, N=7)"))

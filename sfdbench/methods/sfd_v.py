@@ -1,19 +1,20 @@
-"""SFD-v: one SFD model for every NFE, conditioned on the number of timestamps N
-(``shared/docs/sfd-spec.md`` section 5).
+"""SFD-v: one SFD model for every NFE, conditioned on the number of timestamps N (SFD paper,
+Zhou et al. 2024, Sec. 4.2; ``docs/algorithms.md``, "SFD-v").
 
 Training is first-stage SFD (``sfd.py``) with, per iteration, N drawn from 4..7 by Python's
-``random.Random(42)`` (the reference seeds Python's ``random`` with the constant 42, spec 5.1 and
-10.15), M = 3 (2 if N = 3), the teacher still DPM-Solver++(3M) without AFS, and the student
-called with step condition N through the network's step-condition branch (spec 5.2; in
-``DigitsUNet(step_condition=True)``). Sampling: Euler + AFS with N = NFE + 2, step condition N.
+``random.Random(42)`` (the reference seeds Python's ``random`` with the constant 42), M = 3
+(2 if N = 3), the teacher still DPM-Solver++(3M) without AFS, and the student called with step
+condition N through the step-condition branch that ``networks.adapters`` attaches to the suite's
+student (whatever its architecture, if an adapter is registered for it). Sampling: Euler + AFS
+with N = NFE + 2, step condition N.
 
 One model, all NFEs. The harness fits every (method, NFE) into its own work folder, so SFD-v
 trains into a SIBLING folder shared by all NFEs: ``<workdir>.parent / "sfd-v-shared-<key>"``,
-where ``key`` hashes the suite, the teacher's weights and every training hyperparameter (all of
-them but the sampling ``num_steps``). The first NFE trains it (resumably), the others load it,
-and every NFE reports that one model's fine-tuning cost (the paper: "4.26 h, one model, all
-NFEs"). Two processes fitting the same SFD-v model at once are not coordinated; run them after
-one another.
+where ``key`` hashes the suite, the teacher's content id and every training hyperparameter (all
+of them but the sampling ``num_steps``). The first NFE trains it (resumably), the others load it,
+and every NFE reports that one model's fine-tuning cost (the paper: "one model, all NFEs"). Two
+processes fitting the same SFD-v model at once are not coordinated; run them after one another.
+Other methods (the second stage) obtain the model through ``SFDVMethod.ensure_model``.
 """
 
 from __future__ import annotations
@@ -27,94 +28,54 @@ from pathlib import Path
 
 import torch
 
-from sfdbench.diffusion.denoiser import EDMPrecond
-from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.diffusion.denoiser import Denoiser
 from sfdbench.errors import BadInput
+from sfdbench.io import atomic_write_bytes
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted
-from sfdbench.methods.sfd import (
-    SFDMethod,
-    fit_done,
-    load_fitted,
-    lpips_loss,
-    save_student,
-    sfd_iteration,
-    teacher_solver_options,
-    train_loop,
-)
-from sfdbench.networks.checkpoint import atomic_write_bytes
-from sfdbench.networks.digits_unet import DigitsUNet, is_step_condition_key
+from sfdbench.methods.sfd import SFDMethod, learning_rate, load_fitted, lpips_loss, schedule, sfd_iteration, step_config
+from sfdbench.methods.training import LoopSettings, fit_done, read_fit, save_student, train_loop
+from sfdbench.networks.adapters import STEP_INITS, attach_step_condition
 
-STEP_INITS = ("random", "zero")
 SAMPLING_ONLY = ("num_steps",)  # the only hyperparameter that differs between the NFEs of one model
 
 
 def step_counts(iterations: int, low: int = 4, high: int = 7, seed: int = 42) -> list[int]:
     """N for every iteration: ``random.Random(seed).randint(low, high)`` drawn once per iteration, in
-    order (the reference's stream). Materialised from the start, so a resumed fit draws the same."""
+    order (the reference's stream: it seeds Python's ``random`` with 42). Materialised from the
+    start, so a resumed fit draws the same."""
     rng = random.Random(seed)
     return [rng.randint(low, high) for _ in range(iterations)]
 
 
 def m_for(n: int, m: int) -> int:
-    """The reference's rule (spec 5.1): M = 2 when N = 3, else the configured M (3)."""
+    """The reference's rule: M = 2 when N = 3, else the configured M (3)."""
     return 2 if n == 3 else m
 
 
-def teacher_fingerprint(teacher: EDMPrecond) -> str:
-    """A content hash of the teacher's weights (which teacher a shared model was distilled from)."""
-    h = hashlib.sha256()
-    for key, value in teacher.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def step_conditioned_student(suite, teacher: Denoiser, step_init: str, seed: int) -> torch.nn.Module:
+    """The suite's student with SFD-v's step-condition branch attached (``networks.adapters``):
+    ``random`` = the architecture's ordinary init under ``seed`` (the paper's: not zero), ``zero``
+    additionally zeroes the per-block projections (the model then starts exactly as the teacher)."""
+    return attach_step_condition(suite.make_student(teacher), seed, step_init).train().requires_grad_(True)
 
 
-def load_without_step_modules(net: DigitsUNet, state: dict) -> None:
-    """Load a network trained without the step-condition branch (the teacher) into ``net``.
+@dataclass
+class TrainedModel:
+    """A shared SFD-v model: its file and its ``fit.json``."""
 
-    Non-strict for exactly the step-condition keys: the teacher's checkpoint cannot hold weights
-    for modules it never had, so those keep their fresh initialisation (the reference does the
-    same: it copies the pretrained EDM weights into an SFD network with non-strict loading, spec
-    4.2 step 1). Any other missing or unexpected key is a real architecture mismatch -> BadInput."""
-    result = net.load_state_dict(state, strict=False)
-    other = [k for k in result.missing_keys if not is_step_condition_key(k)] + list(result.unexpected_keys)
-    if other:
-        raise BadInput(f"the teacher's weights do not match the SFD-v network (first mismatch: {other[0]})")
-
-
-def step_conditioned_copy(teacher: EDMPrecond, step_init: str, seed: int) -> EDMPrecond:
-    """The teacher's network with SFD-v's step-condition modules added: ``random`` = the network's
-    ordinary init (spec 5.2), seeded with ``seed`` so it is reproducible; ``zero`` additionally
-    zeroes the per-block projections (the model then starts exactly as the teacher)."""
-    config = getattr(teacher.net, "config", None)
-    if not isinstance(teacher.net, DigitsUNet) or config is None:
-        raise BadInput("SFD-v needs a DigitsUNet teacher (the step-condition branch exists for it only)")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = DigitsUNet(**{**config, "step_condition": True})
-    load_without_step_modules(net, teacher.net.state_dict())
-    if step_init == "zero":
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if ".step_emb." in name:
-                    p.zero_()
-    param = next(teacher.parameters())
-    return EDMPrecond(net, teacher.sigma_min, teacher.sigma_max, teacher.sigma_data).to(param.device)
+    path: Path
+    fit: dict
 
 
 @dataclass
 class SFDVMethod(SFDMethod):
-    name: str = "sfd-v"
-    display: str = "SFD-v"
-    description: str = "SFD-v: one step-conditioned SFD model for NFE 2-5 (N = NFE + 2, step condition N)"
-
-    iterations: int = 6250  # 800 kimg at batch 128 (spec 4.9)
+    iterations: int = 6250  # 800 kimg at batch 128 (the paper's CIFAR-10 length)
     steps_low: int = 4
     steps_high: int = 7
     step_seed: int = 42
     step_init: str = "random"
-    # SFD-v trains 4x as long as SFD (800 vs 200 kimg, spec 4.9): without its own setting it takes the
+    # SFD-v trains 4x as long as SFD (800 vs 200 kimg): without its own setting it takes the
     # suite's SFD length x 4, and SFD's batch, lr and checkpoint interval.
     sfd_length_factor: int = 4
 
@@ -157,22 +118,22 @@ class SFDVMethod(SFDMethod):
         hp = self.hyperparameters(suite, low - 1 - int(bool(opts.get("afs", self.afs))))
         return {k: v for k, v in hp.items() if k not in SAMPLING_ONLY}
 
-    def shared_workdir(self, suite, teacher: EDMPrecond, parent: Path) -> Path:
-        key = json.dumps({"suite": suite.name, "teacher": teacher_fingerprint(teacher),
+    def shared_workdir(self, suite, teacher_id: str, parent: Path) -> Path:
+        key = json.dumps({"suite": suite.name, "teacher": teacher_id,
                           "hyperparameters": self.shared_hyperparameters(suite)}, sort_keys=True, default=str)
         return Path(parent) / f"sfd-v-shared-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
-    def ensure_model(self, suite, teacher: EDMPrecond, parent: Path, device, progress=None) -> Path:
-        """Train the shared SFD-v model under ``parent`` unless it exists (resuming a partial fit)."""
-        workdir = self.shared_workdir(suite, teacher, parent)
+    def ensure_model(self, ctx: FitContext, parent: Path) -> TrainedModel:
+        """The shared SFD-v model under ``parent``, trained first unless it exists (a partial fit resumes)."""
+        workdir = self.shared_workdir(ctx.suite, ctx.teacher_id, parent)
         if not fit_done(workdir):
-            train_sfd_v(workdir, suite, teacher, self.shared_hyperparameters(suite), device, progress)
-        return workdir / "model.safetensors"
+            train_sfd_v(workdir, ctx, self.shared_hyperparameters(ctx.suite), self.name)
+        return TrainedModel(workdir / "model.safetensors", read_fit(workdir))
 
     def fit(self, ctx: FitContext) -> Fitted:
         self.hyperparameters(ctx.suite, ctx.nfe)  # bad input fails before any training
-        model = self.ensure_model(ctx.suite, ctx.teacher, ctx.workdir.parent, ctx.device, ctx.progress)
-        fitted = load_fitted(model, ctx.teacher, ctx.device, nfe=ctx.nfe)
+        model = self.ensure_model(ctx, ctx.workdir.parent).path
+        fitted = load_fitted(model, ctx.suite, ctx.teacher, ctx.device, nfe=ctx.nfe)
         fitted.info.update({"shared_model": str(model), "one_model_all_nfes": True})
         # a pointer in this NFE's own folder, so every fits/ entry says where its model is
         atomic_write_bytes(ctx.workdir / "shared.json",
@@ -180,34 +141,35 @@ class SFDVMethod(SFDMethod):
         return fitted
 
 
-def train_sfd_v(workdir: Path, suite, teacher: EDMPrecond, hp: dict, device, progress=None) -> None:
+def train_sfd_v(workdir: Path, ctx: FitContext, hp: dict, method: str = "sfd-v") -> None:
     """Fine-tune a step-conditioned copy of the teacher on N ~ U{low..high} per iteration."""
-    if not isinstance(teacher, EDMPrecond):
-        raise BadInput("SFD-v needs an EDM-preconditioned teacher network")
-    device = torch.device(device)
-    student = step_conditioned_copy(teacher, hp["step_init"], hp["fit_seed"]).train().requires_grad_(True)
+    suite, device = ctx.suite, torch.device(ctx.device)
+    student = step_conditioned_student(suite, ctx.teacher, hp["step_init"], hp["fit_seed"])
     low, high = hp["train_num_steps"]
     sequence = step_counts(hp["iterations"], low, high, hp["step_seed"])
-    schedules = {n: get_schedule(hp["schedule"], n, hp["sigma_min"], hp["sigma_max"], hp["rho"]).to(device)
-                 for n in sorted(set(sequence))}
-    teacher_options = teacher_solver_options(hp["teacher_solver"], hp)
+    schedules = {n: schedule(hp["schedule"], n, hp["sigma_min"], hp["sigma_max"], hp["rho"], suite.discrete_vp
+                             ).to(device) for n in sorted(set(sequence))}
+    configs = {n: step_config(hp, suite.discrete_vp, m_for(n, hp["M"])) for n in schedules}
     lpips = lpips_loss()[0] if hp["loss"] == "lpips" else None
 
-    def step(it, latents, optimizer, counted_teacher, fp16):
+    def step(model, latents, cond, optimizer, counted_teacher, fp16, it):
         n = sequence[it]
-        return sfd_iteration(student, counted_teacher, optimizer, latents, schedules[n], m_for(n, hp["M"]),
-                             hp["schedule"], hp["rho"], hp["afs"], teacher_options, teacher_solver=hp["teacher_solver"],
-                             student_cond={"step_condition": n}, loss=hp["loss"], lpips=lpips, fp16=fp16)
+        return sfd_iteration(model, counted_teacher, optimizer, latents, schedules[n], configs[n],
+                             student_cond={**cond, "step_condition": n}, teacher_cond=cond, lpips=lpips, fp16=fp16)
 
-    accounting, log = train_loop(workdir, student, teacher, hp, device, (hp["batch"], *suite.image_shape),
-                                 f"fit sfd-v (N {low}..{high}, all NFEs)", progress, step)
+    accounting, log = train_loop(workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
+                                 learning_rate(hp), device, suite.latent_shape,
+                                 f"fit {method} (N {low}..{high}, all NFEs)", ctx.progress, step,
+                                 conditioning=suite.training_conditioning, devices=ctx.devices)
     afs = int(hp["afs"])
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": low, "nfe": low - 1 - afs, "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
                 "step_condition": True, "variable_num_steps": [low, high]}
     drawn = Counter(sequence)
-    save_student(workdir, student, hp, sampling, accounting, log,
+    save_student(workdir, student, method, suite.name, hp, sampling, accounting, log,
                  num_steps_drawn={str(n): drawn[n] for n in sorted(drawn)})
 
 
-register_method(SFDVMethod())
+register_method(SFDVMethod(name="sfd-v", display="SFD-v",
+                           description="SFD-v: one step-conditioned SFD model for NFE 2-5 (N = NFE + 2, "
+                                       "step condition N)"))

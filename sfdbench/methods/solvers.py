@@ -17,16 +17,12 @@ class SolverMethod(Method):
 
     NFE per step is 1 (``evals_per_step=1``) or 2 (Heun-type); AFS saves one evaluation."""
 
-    name: str = ""
-    display: str = ""
     solver: str = "euler"
     schedule: str = "polynomial"
     rho: float = 7.0
     evals_per_step: int = 1
     afs: bool = False
     options: dict = field(default_factory=dict)
-    group: str = "solver"
-    description: str = ""
 
     def steps_for_nfe(self, nfe: int, afs: bool | None = None) -> int | None:
         """Number of timestamps N with NFE = evals_per_step (N - 1) - afs, or None."""
@@ -73,8 +69,8 @@ class SolverMethod(Method):
 
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
-        # the LDM/SD "discrete" schedule needs the model's noise table (a suite's ``discrete_vp``)
-        extra = {"vp": getattr(ctx.suite, "discrete_vp", None)} if hp["schedule"] == "discrete" else {}
+        # the LDM/SD "discrete" schedule needs the model's noise table (the suite's ``discrete_vp``)
+        extra = {"vp": ctx.suite.discrete_vp} if hp["schedule"] == "discrete" else {}
         sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"], **extra)
         options = {k: hp[k] for k in self.options}
         sample = solvers.sampler(solvers.SOLVERS[self.solver], sigmas, afs=hp["afs"], **options)

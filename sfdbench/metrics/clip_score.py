@@ -4,9 +4,10 @@ Per image ``i`` with caption ``i``: ``cos_i = <e_img, e_txt> / (|e_img| |e_txt|)
 image and text embeddings (the model's own validation preprocessing and tokenizer), and
 
     clip_score = mean_i 100 * max(cos_i, 0)     (clip_at_zero=True, default: issue 4, torchmetrics)
-    clip_score = mean_i 100 * cos_i             (clip_at_zero=False: the SFD reference, spec 9.3)
+    clip_score = mean_i 100 * cos_i             (clip_at_zero=False: the SFD reference, ``sfd-main/clip_score.py``)
 
-Default model: ``ViT-g-14`` with pretrained tag ``laion2b_s34b_b88k`` (spec 9.3). Weights are never
+(see ``docs/algorithms.md#clip-score``). Default model: ``ViT-g-14`` with pretrained tag ``laion2b_s34b_b88k``,
+as in the SFD reference implementation (zju-pi/diff-sampler, file ``sfd-main/clip_score.py``). Weights are never
 downloaded here: they are looked up in sfdbench's cache, open_clip's URL cache and the Hugging Face
 hub cache, and a missing file raises ``MissingAsset`` naming the file, its URL and where to put it.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sfdbench.errors import BadInput, MissingAsset
-from sfdbench.metrics.reference import default_cache_dir
+from sfdbench.io import cache_dir as default_cache_dir
 
 DEFAULT_CLIP_MODEL = "ViT-g-14"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"

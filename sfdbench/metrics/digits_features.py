@@ -69,11 +69,12 @@ def create(weights_path, cuda: bool = False) -> FeatureExtractorBase:
 
 @cache
 def _feature_space(weights_path: str):
-    from sfdbench.metrics.features import FeatureSpace, sha256_of
+    from sfdbench.io import sha256_file
+    from sfdbench.metrics.features import FeatureSpace
 
     config = read_metadata(weights_path).get("config", {})
     return FeatureSpace(name=EXTRACTOR_NAME, layer=FEATURE_LAYER, dim=int(config.get("feature_dim", 64)),
-                        weights_id=sha256_of(weights_path)[:16], create=lambda cuda: create(weights_path, cuda),
+                        weights_id=sha256_file(weights_path)[:16], create=lambda cuda: create(weights_path, cuda),
                         channels=(1,), image_size=(8, 8), batch_size=500,
                         description="sfdbench digits CNN, penultimate ReLU layer")
 
@@ -82,3 +83,18 @@ def feature_space(weights_path):
     """The digits feature space (64-d penultimate layer), one instance per weights file, for
     ``sfdbench.metrics.evaluate.compute_metrics``."""
     return _feature_space(str(Path(weights_path).resolve()))
+
+
+@cache
+def _classifier(weights_path: str) -> DigitsClassifier:
+    config = read_metadata(weights_path)["config"]
+    return load_weights(DigitsClassifier(**config), weights_path).eval()
+
+
+@torch.no_grad()
+def class_match(weights_path, images_u8: torch.Tensor, class_labels: torch.Tensor) -> float:
+    """Share of uint8 samples [N, 1, 8, 8] that the digits CNN classifies as the label they were
+    asked for (``class_labels``: one-hot [N, 10]): "does the sample show the requested digit"."""
+    net = _classifier(str(weights_path))
+    predicted = torch.cat([net(chunk.float() / 127.5 - 1.0).argmax(1) for chunk in images_u8.split(1000)])
+    return float((predicted == class_labels.argmax(1).to(predicted.device)).float().mean())

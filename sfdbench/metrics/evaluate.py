@@ -13,7 +13,8 @@ Which implementation computes what (all on the same float64 features):
 * ``density`` and ``coverage``: ``sfdbench.metrics.knn.prdc`` (Naeem et al. 2020, k=5), exact and tiled.
 * ``precision`` and ``recall``, by ``pr_definition``:
 
-  - ``"knn"`` (default; the spec section 9.2 / ``prdc`` package / SFD reference definition):
+  - ``"knn"`` (default; the Naeem et al. 2020 / ``prdc`` package / SFD reference definition, zju-pi/diff-sampler
+    ``sfd-main/prdc.py``; ``docs/algorithms.md#precision-and-recall``):
     the same k-NN radii as density/coverage, a point is inside a ball when ``d < radius``;
   - ``"torch-fidelity"``: torch-fidelity's ``prc_features_to_metric`` with ``prc_neighborhood=k``
     (Kynkaenniemi et al. 2019), inside when ``d <= radius``.
@@ -35,6 +36,7 @@ import torch
 
 from sfdbench.errors import BadInput
 from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
+from sfdbench.metrics.images import count_bad, validate_images
 from sfdbench.metrics.knn import DEFAULT_K, DEFAULT_TILE, prdc
 from sfdbench.metrics.reference import ReferenceStats
 
@@ -49,41 +51,6 @@ PR_DEFINITIONS = {
 }
 KID_MAX_SUBSET = 1000
 KID_SUBSETS = 100
-
-
-def _count_bad(x: torch.Tensor) -> int:
-    return int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum()) if x.ndim >= 1 and x.numel() else 0
-
-
-def validate_images(images, space=None, what: str = "generated images") -> torch.Tensor:
-    """uint8 [N, C, H, W] with channels/size the feature space accepts, else ``BadInput``."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not torch.is_tensor(images):
-        raise BadInput(f"{what} must be a uint8 tensor [N, C, H, W], got {type(images).__name__}")
-    if images.is_floating_point() or images.is_complex():
-        if not torch.isfinite(images).all():
-            raise BadInput(f"{_count_bad(images)} of the {what} contain NaN/Inf; the sampler diverged - "
-                           "check the model and NFE (metrics take uint8 from sfdbench.metrics.images.to_uint8)")
-        raise BadInput(f"{what} have dtype {images.dtype}; metrics need uint8 [N, C, H, W] - convert images in "
-                       "[-1, 1] with sfdbench.metrics.images.to_uint8")
-    if images.dtype != torch.uint8:
-        raise BadInput(f"{what} have dtype {images.dtype}; metrics need uint8 [N, C, H, W] in 0..255 "
-                       "(sfdbench.metrics.images.to_uint8)")
-    if images.ndim != 4:
-        raise BadInput(f"{what} have shape {tuple(images.shape)}; metrics need 4 dimensions [N, C, H, W]")
-    if images.shape[0] == 0:
-        raise BadInput(f"no {what}: need at least 2 images [N, C, H, W]")
-    if space is not None:
-        c, h, w = images.shape[1:]
-        if c not in space.channels:
-            hint = " (looks like NHWC: use images.permute(0, 3, 1, 2))" if w in space.channels else ""
-            raise BadInput(f"{what} have {c} channels (shape {tuple(images.shape)}) but feature extractor "
-                           f"{space.name} takes {' or '.join(map(str, space.channels))}{hint}")
-        if space.image_size is not None and (h, w) != tuple(space.image_size):
-            raise BadInput(f"{what} are {h}x{w} but feature extractor {space.name} takes "
-                           f"{space.image_size[0]}x{space.image_size[1]}; sample at the suite's resolution")
-    return images
 
 
 def _load_reference(reference) -> ReferenceStats:
@@ -147,7 +114,7 @@ def compute_metrics_from_features(features: torch.Tensor, reference, metrics=IMA
     if features.ndim != 2:
         raise BadInput(f"features must be [N, D], got {tuple(features.shape)}")
     if not torch.isfinite(features).all():
-        raise BadInput(f"{_count_bad(features)} feature vector(s) contain NaN/Inf; check the feature extractor input")
+        raise BadInput(f"{count_bad(features)} feature vector(s) contain NaN/Inf; check the feature extractor input")
     ref = _load_reference(reference)
     _check_reference(ref, features.shape[1], space)
     n = features.shape[0]
@@ -216,10 +183,12 @@ def compute_metrics(images_u8: torch.Tensor, reference, extractor, metrics=IMAGE
         k: neighbourhood size for precision/recall/density/coverage (5 as in the paper).
         kid_subset_size / kid_subsets: KID subsets (default ``min(1000, n)``, 100 subsets).
         pr_definition: ``"knn"`` (prdc, strict ``<``) or ``"torch-fidelity"`` (``<=``); see module doc.
-        prdc_samples: use a seeded subset of this many generated samples for PRDC (spec: 5000).
+        prdc_samples: use a seeded subset of this many generated samples for PRDC (the SFD reference
+            implementation, zju-pi/diff-sampler, file ``sfd-main/prdc.py``, uses 5000).
         seed: seed of the KID subsets and of the PRDC subset.
         clip: a loaded ``ClipModel`` (default: ``load_clip()``, ViT-g-14 / laion2b_s34b_b88k).
-        clip_at_zero: CLIP score 100 * max(cos, 0) (default, issue 4) or 100 * cos (SFD reference, spec 9.3).
+        clip_at_zero: CLIP score 100 * max(cos, 0) (default, issue 4) or 100 * cos (SFD reference,
+            ``sfd-main/clip_score.py``; ``docs/algorithms.md#clip-score``).
 
     Returns:
         ``{"fid": float, "kid": float, "kid_std": float, "kid_subset_size": int, "kid_subsets": int,

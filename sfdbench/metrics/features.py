@@ -10,17 +10,16 @@ weights (which keys cached reference statistics).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from sfdbench.errors import BadInput, MissingAsset
+from sfdbench.io import sha256_file
 from sfdbench.metrics.fid import extract_features
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -39,7 +38,7 @@ class FeatureSpace:
     create: Callable[[bool], FeatureExtractorBase]
     channels: tuple[int, ...] = (3,)  # accepted input channel counts
     image_size: tuple[int, int] | None = None  # required (H, W); None: the extractor resizes
-    gray_to_rgb: bool = False  # repeat 1-channel images to 3 channels (spec 9.1)
+    gray_to_rgb: bool = False  # repeat 1-channel images to 3 channels (as EDM's / SFD's sfd-main/fid.py does)
     batch_size: int = 200
     description: str = ""
     _extractors: dict = field(default_factory=dict, repr=False)
@@ -60,21 +59,6 @@ class FeatureSpace:
     def protocol(self) -> dict:
         return {"feature_extractor": self.name, "feature_layer": self.layer, "feature_dim": self.dim,
                 "feature_weights_sha256": self.weights_id}
-
-
-@cache
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, computed once per (path, size, mtime)."""
-    st = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 # ----------------------------------------------------------------------------- Inception-v3
@@ -114,7 +98,7 @@ def require_inception_weights(path: Path | None = None) -> Path:
     if explicit:  # the user's own file (e.g. a re-converted checkpoint): identified by its hash, not checked
         return path
     expected = _expected_sha256_prefix(name)
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if not digest.startswith(expected):
         raise BadInput(f"Inception-v3 weights {path} are corrupt (sha256 {digest[:12]}..., expected {expected}...): "
                        f"delete the file and download {inception_url()} again")
@@ -132,7 +116,7 @@ def inception_feature_space(weights_path: Path | None = None, batch_size: int = 
         return create_feature_extractor(INCEPTION_NAME, [INCEPTION_LAYER], cuda=cuda,
                                         feature_extractor_weights_path=str(path), verbose=False)
 
-    return FeatureSpace(name=INCEPTION_NAME, layer=INCEPTION_LAYER, dim=2048, weights_id=sha256_of(path)[:16],
+    return FeatureSpace(name=INCEPTION_NAME, layer=INCEPTION_LAYER, dim=2048, weights_id=sha256_file(path)[:16],
                         create=create, channels=(1, 3), image_size=None, gray_to_rgb=True, batch_size=batch_size,
                         description="torch-fidelity inception-v3-compat (TF Inception-v3 2015-12-05), pool3 2048-d, "
                                     "uint8 RGB resized to 299x299 inside the network")

@@ -1,7 +1,9 @@
 """Precision, recall, density and coverage from k-nearest-neighbour balls, exact and tiled.
 
 Definitions (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative Models";
-identical to the ``prdc`` package that the SFD reference's ``prdc.py`` calls, spec section 9.2):
+identical to the ``prdc`` package that the SFD reference's ``sfd-main/prdc.py`` (zju-pi/diff-sampler) calls;
+Kynkäänniemi et al. 2019 for precision/recall; ``docs/algorithms.md#precision-and-recall``,
+``docs/algorithms.md#density-and-coverage``):
 
 * the radius of a point is the Euclidean distance to its k-th nearest neighbour *within its own
   set*, i.e. the (k+1)-th smallest distance counting the zero distance to itself (a duplicate of

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,15 +28,11 @@ import numpy as np
 import torch
 
 from sfdbench.errors import BadInput
+from sfdbench.io import atomic_write_bytes
 from sfdbench.metrics.fid import fid_statistics
-from sfdbench.networks.checkpoint import atomic_write_bytes
+from sfdbench.metrics.images import validate_images
 
 FORMAT_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$SFDBENCH_CACHE`` or ``~/.cache/sfdbench`` (reference statistics go to ``<cache>/reference``)."""
-    return Path(os.environ.get("SFDBENCH_CACHE") or Path.home() / ".cache" / "sfdbench")
 
 
 @dataclass(eq=False)
@@ -153,8 +148,6 @@ def reference_statistics(space, reference_id: str, load_images: Callable[[], tor
         if path is not None:
             ref.save(path)
     else:
-        from sfdbench.metrics.evaluate import validate_images
-
         images = validate_images(load_images(), space, what="reference images")
         feats = space.features(images, device)
         meta = {**space.protocol(), "reference": reference_id, "cache_key": key}

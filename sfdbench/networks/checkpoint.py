@@ -14,29 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sfdbench.errors import BadInput
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from sfdbench.io import atomic_write_bytes, umask_mode
 
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
@@ -48,7 +26,7 @@ def save_weights(module: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, tmp, metadata={"sfdbench": json.dumps(metadata, sort_keys=True)})
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

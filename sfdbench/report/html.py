@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sfdbench.report.tables import GROUPS, _view
+from sfdbench.report.tables import GROUPS, display_view
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
@@ -26,7 +26,7 @@ def _img(path: Path, cls: str, alt: str) -> str:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    view, groups = _view(table, "±")
+    view, groups = display_view(table, "±")
     parts = []
     for group in GROUPS:
         mask = [g == group for g in groups]

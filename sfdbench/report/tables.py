@@ -13,7 +13,8 @@ from sfdbench.errors import BadInput
 
 FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
-EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov."}
+EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
+                 "class_match": "Class match"}
 COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
            "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device"]
 
@@ -53,7 +54,8 @@ def variant_displays(records: pd.DataFrame) -> pd.Series:
     several configurations: the settings in which it differs from the configuration with the most
     records (hyperparameters, sample count, teacher)."""
     names = records["display"].astype(str).copy()
-    for _, part in records.groupby(["method", "nfe"], sort=False):
+    keys = ["method", "nfe", "guidance"] if "guidance" in records else ["method", "nfe"]
+    for _, part in records.groupby(keys, sort=False):
         variants = part["variant"].unique()
         if len(variants) < 2:
             continue
@@ -118,7 +120,7 @@ def _metric_cell(value) -> str:
     return "–" if pd.isna(value) else f"{value:.3f}"
 
 
-def _view(table: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, list[str]]:
+def display_view(table: pd.DataFrame, pm: str) -> tuple[pd.DataFrame, list[str]]:
     metrics = [m for m in EXTRA_METRICS if m in table and table[m].notna().any()]
     view = pd.DataFrame({
         "Method": table["display"].astype(str),
@@ -158,7 +160,7 @@ def render(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "markdown":
-        view, groups = _view(table, "±")
+        view, groups = display_view(table, "±")
         blocks = []
         for group in GROUPS:
             part = view[[g == group for g in groups]]
@@ -184,7 +186,7 @@ def latex_cell(text: str) -> str:
 
 def _latex(table: pd.DataFrame, caption: str) -> str:
     """A booktabs table with one \\midrule-separated block per group, like the paper's tables."""
-    view, groups = _view(table, "±")
+    view, groups = display_view(table, "±")
     cols = list(view.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
              r"\begin{tabular}{l" + "r" * (len(cols) - 3) + "ll}", r"\toprule",

@@ -1,6 +1,9 @@
-"""Benchmark suites: data, teacher, feature space, default grid. ``get_suite(name)`` looks one up."""
+"""Benchmark suites: data, teacher, feature space, default grid. ``get_suite(name)`` looks one up;
+``register_suite`` adds one (``docs/suites.md``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from sfdbench.errors import BadInput
 from sfdbench.suites.base import Suite
@@ -10,6 +13,12 @@ def _digits() -> Suite:
     from sfdbench.suites.digits import DigitsSuite
 
     return DigitsSuite()
+
+
+def _digits_cond() -> Suite:
+    from sfdbench.suites.digits import DigitsCondSuite
+
+    return DigitsCondSuite()
 
 
 def _cifar10() -> Suite:
@@ -24,7 +33,13 @@ def _imagenet64() -> Suite:
     return imagenet64()
 
 
-SUITES = {"digits": _digits, "cifar10": _cifar10, "imagenet64": _imagenet64}
+SUITES: dict[str, Callable[[], Suite]] = {"digits": _digits, "digits-cond": _digits_cond, "cifar10": _cifar10,
+                                          "imagenet64": _imagenet64}
+
+
+def register_suite(name: str, factory: Callable[[], Suite]) -> None:
+    """Make ``factory()`` available as suite ``name`` (a plugin's or a test's own suite)."""
+    SUITES[name] = factory
 
 
 def suite_names() -> list[str]:

@@ -6,16 +6,11 @@ one message saying what is missing, where to get it and where to put it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sfdbench.errors import MissingAsset
-
-
-def cache_dir() -> Path:
-    """``$SFDBENCH_CACHE`` or ``~/.cache/sfdbench``."""
-    return Path(os.environ.get("SFDBENCH_CACHE") or Path.home() / ".cache" / "sfdbench")
+from sfdbench.io import cache_dir
 
 
 @dataclass(frozen=True)

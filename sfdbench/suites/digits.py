@@ -1,5 +1,12 @@
-"""The embedded ``digits`` suite: scikit-learn's 8x8 handwritten digits, a shipped ~1M-parameter
-EDM teacher and a shipped feature CNN. Runs every method on a CPU in minutes, offline.
+"""The embedded suites: scikit-learn's 8x8 handwritten digits with shipped ~1M-parameter EDM
+teachers and a shipped feature CNN. They run every method on a CPU in minutes, offline.
+
+* ``digits``: unconditional (``digits-teacher.safetensors``).
+* ``digits-cond``: class-conditional, trained with label dropout so that classifier-free guidance
+  works (``digits-cond-teacher.safetensors``); each sample's label is drawn uniformly from the
+  sample's own generator right after its latent; the CPU stand-in for ImageNet-64 (labels) and
+  Stable Diffusion (guidance: 2 network evaluations per guided step). Its metrics add the
+  class-match accuracy: the feature CNN's prediction on a sample vs the label it was asked for.
 
 Images stay at their native 8x8: the U-Net works at 8 -> 4 -> 2 and trains in ~5 minutes on
 two cores; upsampling to 16x16 would cost 4x compute for no new information.
@@ -7,63 +14,51 @@ two cores; upsampling to 16x16 would cost 4x compute for no new information.
 
 from __future__ import annotations
 
-import hashlib
-from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sfdbench.diffusion.denoiser import EDMPrecond
+from sfdbench.errors import BadInput
+from sfdbench.io import sha256_file
 from sfdbench.metrics import digits_features
-from sfdbench.metrics.fid import extract_features, fid_statistics
 from sfdbench.metrics.images import to_uint8
 from sfdbench.networks.checkpoint import load_weights, read_metadata
 from sfdbench.networks.digits_unet import DigitsUNet
 from sfdbench.suites.base import GridEntry, Suite
+from sfdbench.suites.digits_data import NUM_CLASSES, SIGMA_DATA, load_digits, one_hot
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TEACHER_WEIGHTS = WEIGHTS_DIR / "digits-teacher.safetensors"
+COND_TEACHER_WEIGHTS = WEIGHTS_DIR / "digits-cond-teacher.safetensors"
 FEATURE_WEIGHTS = WEIGHTS_DIR / "digits-features.safetensors"
-SPLIT_SEED = 0
-HELD_OUT = 297  # images never seen by the teacher or the feature net; 1500 remain for training
-SIGMA_DATA = 0.5
 DIGITS_KID_SUBSETS = 20  # torch-fidelity's 100 subsets cost ~3.7 s per record on 2 cores; 20 keep KID's std small
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@cache
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
-
-
-def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] as float32 [N, 1, 8, 8] and their labels, for ``train`` (1500),
-    ``test`` (297, held out) or ``all`` (1797). Pixel values 0..16 map to v / 8 - 1."""
-    images, labels = _digits_arrays()
-    order = np.random.RandomState(SPLIT_SEED).permutation(len(images))
-    idx = {"train": order[HELD_OUT:], "test": order[:HELD_OUT], "all": np.arange(len(images))}[split]
-    x = torch.from_numpy(images[idx] / 8.0 - 1.0).unsqueeze(1)
-    return x, torch.from_numpy(labels[idx])
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def build_teacher_net(config: dict) -> DigitsUNet:
-    return DigitsUNet(**config)
+# The paper fine-tunes a 56M-parameter CIFAR-10 model for 1563 iterations at lr 5e-5; the
+# 1M-parameter digits teacher reaches its plateau in 100 iterations at lr 5e-4 (measured: NFE 2
+# FID 9.3 at 5e-5 vs 5.6 at 5e-4 after 100 iterations). SFD-v: one model for NFE 2-5, 2.5x SFD's
+# length (the paper: 4x); the second stage 5x (the paper: 10x). Measured on digits: SFD-v within
+# ~10% of per-NFE SFD after 250 iterations.
+DIGITS_METHOD_OPTIONS = {"sfd": {"iterations": 100, "batch": 128, "lr": 5e-4, "checkpoint_every": 25},
+                         "sfd-v": {"iterations": 250}, "sfd-stage2": {"iterations": 500}}
+CHECK_GRID = (GridEntry("ddim", (10,)), GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,)),
+              GridEntry("sfd-v", (2,)), GridEntry("sfd-stage2", (1,)))
 
 
 class DigitsSuite(Suite):
-    def __init__(self):
-        super().__init__(
+    """The unconditional digits suite; ``DigitsCondSuite`` adds labels and guidance."""
+
+    teacher_kind = "digits-teacher"
+    teacher_path = TEACHER_WEIGHTS
+    label_dim = 0
+
+    def __init__(self, **overrides):
+        settings = dict(
             name="digits",
             description="scikit-learn 8x8 digits; shipped 1M-param EDM teacher; shipped CNN features (CPU, offline)",
-            image_shape=(1, 8, 8),
+            latent_shape=(1, 8, 8),
             sigma_min=SIGMA_MIN,
             sigma_max=SIGMA_MAX,
             default_grid=(
@@ -81,32 +76,52 @@ class DigitsSuite(Suite):
             ),
             default_seeds=(0, 1, 2),
             default_samples=2000,
-            # The paper fine-tunes a 56M-parameter CIFAR-10 model for 1563 iterations at lr 5e-5;
-            # the 1M-parameter digits teacher reaches its plateau in 100 iterations at lr 5e-4
-            # (measured: NFE 2 FID 9.3 at 5e-5 vs 5.6 at 5e-4 after 100 iterations).
-            # SFD-v: one model for NFE 2-5, 2.5x SFD's length (the paper: 4x); the second stage 5x
-            # (the paper: 10x). Measured on digits: SFD-v within ~10% of per-NFE SFD after 250 iterations.
-            method_options={"sfd": {"iterations": 100, "batch": 128, "lr": 5e-4, "checkpoint_every": 25},
-                            "sfd-v": {"iterations": 250}, "sfd-stage2": {"iterations": 500}},
-            check_grid=(GridEntry("ddim", (10,)), GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,)),
-                        GridEntry("sfd-v", (2,)), GridEntry("sfd-stage2", (1,))),
+            method_options={k: dict(v) for k, v in DIGITS_METHOD_OPTIONS.items()},
+            check_grid=CHECK_GRID,
         )
+        super().__init__(**{**settings, **overrides})
+
+    # ---------------------------------------------------------------- teacher
 
     def load_teacher(self, path=None, device="cpu") -> EDMPrecond:
-        path = Path(path or TEACHER_WEIGHTS)
+        path = Path(path or self.teacher_path)
         meta = read_metadata(path)
-        if meta.get("kind") != "digits-teacher" or "config" not in meta:
-            from sfdbench.errors import BadInput
-
-            raise BadInput(f"{path} is not an sfdbench digits teacher (its metadata kind is {meta.get('kind')!r}); "
-                           "pass a file written by `sfdbench teacher train`")
-        net = load_weights(build_teacher_net(meta["config"]), path)
+        if meta.get("kind") != self.teacher_kind or "config" not in meta:
+            raise BadInput(f"{path} is not an sfdbench {self.name} teacher (its metadata kind is "
+                           f"{meta.get('kind')!r}, expected {self.teacher_kind!r}); pass a file written by "
+                           f"`sfdbench teacher train --suite {self.name}`")
+        net = load_weights(DigitsUNet(**meta["config"]), path)
         teacher = EDMPrecond(net, SIGMA_MIN, SIGMA_MAX, meta.get("sigma_data", SIGMA_DATA)).to(device).eval()
         teacher.requires_grad_(False)
         return teacher
 
     def teacher_id(self, path=None) -> str:
-        return sha256_file(Path(path or TEACHER_WEIGHTS))[:16]
+        return sha256_file(Path(path or self.teacher_path))[:16]
+
+    def teacher_weights_path(self) -> Path:
+        return self.teacher_path
+
+    def train_teacher(self, iterations: int, batch: int, seed: int, progress=None):
+        from sfdbench.suites.digits_training import COND_LABEL_DROPOUT, train_digits_teacher
+
+        extra = {"label_dim": self.label_dim, "label_dropout": COND_LABEL_DROPOUT} if self.label_dim else {}
+        return train_digits_teacher(iterations=iterations, batch=batch, seed=seed,
+                                    **({"progress": progress} if progress else {}), **extra)
+
+    def train_features(self, epochs: int, seed: int, progress=None):
+        from sfdbench.suites.digits_training import train_digits_classifier
+
+        return train_digits_classifier(epochs=epochs, seed=seed, **({"progress": progress} if progress else {}))
+
+    def feature_weights_path(self) -> Path:
+        return FEATURE_WEIGHTS
+
+    def training_data(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        images, labels = load_digits("train")
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        return images[idx], ({"class_labels": one_hot(labels[idx])} if self.label_dim else {})
+
+    # ---------------------------------------------------------------- evaluation
 
     def feature_space(self):
         return digits_features.feature_space(FEATURE_WEIGHTS)
@@ -118,7 +133,7 @@ class DigitsSuite(Suite):
         return reference_statistics(self.feature_space(), "sklearn-digits-train-split0-1500",
                                     lambda: to_uint8(load_digits("train")[0]))
 
-    def evaluate(self, images_u8: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict[str, float]:
         """fid, kid (+ kid_std, kid_subset_size), precision, recall, density, coverage of uint8 samples
         against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``."""
         from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
@@ -137,13 +152,42 @@ class DigitsSuite(Suite):
         }
 
 
-@cache
-def _extractor():
-    return digits_features.create(FEATURE_WEIGHTS)
+class DigitsCondSuite(DigitsSuite):
+    """Class-conditional digits: labels uniform over the 10 classes, drawn per sample; a teacher
+    trained with 10 % label dropout; guided and unguided rows in the default grid."""
 
+    teacher_kind = "digits-cond-teacher"
+    teacher_path = COND_TEACHER_WEIGHTS
+    label_dim = NUM_CLASSES
 
-@cache
-def _reference_statistics() -> dict:
-    images, _ = load_digits("train")
-    feats = extract_features(_extractor(), to_uint8(images), digits_features.FEATURE_LAYER)
-    return fid_statistics(feats)
+    def __init__(self, **overrides):
+        settings = dict(
+            name="digits-cond",
+            description="class-conditional 8x8 digits; shipped EDM teacher with label dropout (guidance); "
+                        "class-match accuracy (CPU, offline)",
+            default_grid=(
+                GridEntry("ddim", (2, 3, 5, 10)),
+                GridEntry("dpmpp3m", (2, 3, 5, 10)),
+                GridEntry("sfd", (2, 3)),
+                GridEntry("sfd-v", (2, 3, 4, 5)),
+                GridEntry("sfd-stage2", (1,)),
+            ),
+            check_grid=(GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,)), GridEntry("sfd", (2,), guidance=2.0)),
+        )
+        super().__init__(**{**settings, **overrides})
+
+    def conditioning(self, generator: torch.Generator, index: int) -> dict:
+        label = torch.randint(NUM_CLASSES, (), generator=generator)
+        return {"class_labels": one_hot(label)}
+
+    def training_conditioning(self, batch: int, generator: torch.Generator) -> dict:
+        return {"class_labels": one_hot(torch.randint(NUM_CLASSES, (batch,), generator=generator))}
+
+    def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict[str, float]:
+        """The digits metrics plus ``class_match``: the share of samples whose feature-CNN class is
+        the label they were drawn with."""
+        metrics = super().evaluate(images_u8)
+        if cond and "class_labels" in cond:
+            metrics["class_match"] = digits_features.class_match(FEATURE_WEIGHTS, images_u8, cond["class_labels"])
+        return metrics
+

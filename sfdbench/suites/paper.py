@@ -1,4 +1,7 @@
-"""The paper's real suites, declared with their settings (SFD paper Tables 2 and 3; spec 1.3).
+"""The paper's real suites, declared with their settings (Zhou et al. 2024 (SFD, arXiv 2409.19681) Tables 2 and 3;
+per-dataset sigma ranges and labels as in the SFD reference implementation, zju-pi/diff-sampler, files
+``sfd-main/training/training_loop.py`` and ``diff-solvers-main/sample.py``; SFD's sigma_min = 0.006 against the
+baselines' 0.002 is item 8 of ``docs/algorithms.md#reference-quirks-reproduced-on-purpose``).
 
 Their teachers (EDM pickles) and Inception reference statistics are assets: without them a
 run stops with exit code 3 naming each missing file. Tables and plots of these suites work
@@ -21,9 +24,9 @@ PAPER_GRID = (
 class PaperSuite(Suite):
     """A suite of the paper: declared settings plus the assets it needs."""
 
-    def __init__(self, name: str, description: str, image_shape, assets: tuple[str, ...], labels: str,
+    def __init__(self, name: str, description: str, latent_shape, assets: tuple[str, ...], labels: str,
                  sfd_sigma_min: float = 0.006):
-        super().__init__(name=name, description=description, image_shape=image_shape, sigma_min=0.002,
+        super().__init__(name=name, description=description, latent_shape=latent_shape, sigma_min=0.002,
                          sigma_max=80.0, default_grid=PAPER_GRID, default_seeds=(0,), default_samples=50_000,
                          method_options={"sfd": {"sigma_min": sfd_sigma_min}})
         self.assets = assets
@@ -39,10 +42,12 @@ class PaperSuite(Suite):
                             "its tables and plots show the published rows")
 
     def teacher_id(self, path=None) -> str:
-        self._require_assets()
-        return ASSETS[self.assets[0]].filename
+        """The first 16 hex digits of the teacher file's sha256 (its content, not its name)."""
+        from sfdbench.io import sha256_file
 
-    def evaluate(self, images_u8):
+        return sha256_file(path or ASSETS[self.assets[0]].require())[:16]
+
+    def evaluate(self, images_u8, cond=None):
         self._require_assets()
         raise SfdbenchError(f"suite {self.name!r}: Inception evaluation is not wired in yet")
 

@@ -1,0 +1,258 @@
+"""Fine-tuning infrastructure shared by every distillation method: compute accounting, the
+seeded, checkpointed, resumable training loop, and the model files of a fitted student.
+
+The loop knows nothing of a particular method: a method hands it a ``step`` (one iteration on one
+batch of latents and conditioning) and a learning-rate rule. Accounting follows the project's
+convention (``docs/architecture.md``, "Compute accounting"): wall time of the whole loop, teacher
+work included, the device, the device count and device-hours = wall x devices, and the teacher
+evaluations counted by wrapping the teacher.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sfdbench.diffusion.denoiser import CountingDenoiser, Denoiser
+from sfdbench.errors import BadInput
+from sfdbench.io import atomic_write_bytes
+from sfdbench.networks.adapters import is_step_conditioned
+from sfdbench.networks.checkpoint import read_metadata, save_weights
+
+PRECISIONS = ("fp32", "fp16-autocast")
+STUDENT_KIND = "sfdbench-student"
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute accounting
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Accounting:
+    wall_seconds: float
+    device: str
+    devices: int
+
+    @property
+    def device_hours(self) -> float:
+        return self.wall_seconds * self.devices / 3600.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "device_hours": self.device_hours}
+
+
+class Stopwatch:
+    """Accumulates wall time over (possibly resumed) sessions of work."""
+
+    def __init__(self, already: float = 0.0):
+        self.already = already
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.already + time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs of a method's hyperparameters."""
+
+    iterations: int
+    batch: int
+    fit_seed: int
+    checkpoint_every: int
+    precision: str = "fp32"
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict) -> LoopSettings:
+        return cls(hp["iterations"], hp["batch"], hp["fit_seed"], hp["checkpoint_every"], hp.get("precision", "fp32"))
+
+
+def check_loop_settings(name: str, hp: dict, counts: tuple[str, ...]) -> None:
+    """What ``train_loop`` needs of every fine-tuning method: a known precision and the ``counts``
+    (iterations, batch, ...) integers >= 1."""
+    if hp["precision"] not in PRECISIONS:
+        raise BadInput(f"{name}: precision {hp['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    for key in counts:
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
+            raise BadInput(f"{name}: {key} must be an integer >= 1, got {hp[key]!r}")
+
+
+def iteration_seed(fit_seed: int, iteration: int) -> int:
+    return (fit_seed * 1_000_003 + iteration) % 2**32
+
+
+def sanitize_gradients(params) -> int:
+    """NaN -> 0, +inf -> 1e5, -inf -> -1e5 in place (the SFD reference's ``nan_to_num`` before every
+    optimiser step, ``docs/algorithms.md``, "SFD training loop"); returns how many were bad."""
+    bad = 0
+    for p in params:
+        if p.grad is not None:
+            finite = torch.isfinite(p.grad)
+            if not finite.all():
+                bad += int((~finite).sum())
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    return bad
+
+
+# step(student, latents, cond, optimizer, counted_teacher, fp16, iteration) -> {"losses": [...],
+# "bad_gradients": int, "loss_nan": bool, "shown_loss": float (optional)}
+Step = Callable[..., dict]
+
+
+def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, settings: LoopSettings,
+               lr: Callable[[int], float], device: torch.device, latent_shape: tuple[int, ...], description: str,
+               progress, step: Step, *,
+               conditioning: Callable[[int, torch.Generator], dict] | None = None,
+               devices: int = 1) -> tuple[Accounting, dict]:
+    """Run ``settings.iterations`` iterations of ``step``, resuming from ``workdir/checkpoint.pt``
+    and writing it atomically every ``settings.checkpoint_every`` iterations.
+
+    Each iteration's latents and dropout masks come from the global RNG seeded with
+    ``iteration_seed(fit_seed, iteration)``, and its conditioning from ``conditioning(batch,
+    generator)`` with a CPU generator seeded the same way, so a resumed fit replays exactly what an
+    uninterrupted one would. Adam (0.9, 0.999, 1e-8) over all student parameters, learning rate
+    ``lr(iteration)``. The teacher is wrapped to count its evaluations; the wall time (teacher
+    work included) accumulates over resumed sessions. Precision: ``fp16-autocast`` falls back to
+    fp32 for good after an iteration whose last loss was NaN (the SFD reference's rule). Returns
+    the accounting and the log."""
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr(0), betas=(0.9, 0.999), eps=1e-8)
+    ckpt_path = workdir / "checkpoint.pt"
+    state = _load_checkpoint(ckpt_path, student, optimizer)
+    start_it, watch, log = state["iteration"], Stopwatch(state["wall_seconds"]), state["log"]
+    log.setdefault("teacher_evaluations", 0)
+    log.setdefault("precision", settings.precision)
+    log.setdefault("fp16_fallback_iteration", None)
+    log.setdefault("last_loss_nan", False)
+    shape = (settings.batch, *latent_shape)
+    progress = progress or null_progress
+    with progress(description, settings.iterations) as advance:
+        advance(start_it)
+        for it in range(start_it, settings.iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = lr(it)
+            if log["last_loss_nan"] and log["precision"] != "fp32":
+                log["precision"], log["fp16_fallback_iteration"] = "fp32", it
+            counted = CountingDenoiser(teacher)
+            seed = iteration_seed(settings.fit_seed, it)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                latents = torch.randn(shape, device=device)
+                cond = _to_device(conditioning(settings.batch, torch.Generator().manual_seed(seed)), device) \
+                    if conditioning else {}
+                out = step(student, latents, cond, optimizer, counted, log["precision"] != "fp32", it)
+            log["bad_gradients"] += out["bad_gradients"]
+            log["nan_loss_iterations"] += int(out["loss_nan"])
+            log["last_loss_nan"] = math.isnan(out["losses"][-1])
+            log["teacher_evaluations"] += counted.samples
+            log["loss_last"] = out["losses"]
+            advance(info=f"loss {out.get('shown_loss', sum(out['losses'])):.3f}")
+            if (it + 1) % settings.checkpoint_every == 0 and it + 1 < settings.iterations:
+                _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log)
+    return Accounting(watch.seconds, device_name(device), devices), log
+
+
+def _to_device(cond: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+
+
+def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "iteration": iteration, "wall_seconds": wall, "log": json.dumps(log)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, student, optimizer) -> dict:
+    fresh = {"iteration": 0, "wall_seconds": 0.0, "log": {"bad_gradients": 0, "nan_loss_iterations": 0}}
+    if not path.is_file():
+        return fresh
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no code execution
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as exc:
+        raise BadInput(f"corrupt checkpoint {path} ({exc}); delete it to restart this fit") from exc
+    return {"iteration": state["iteration"], "wall_seconds": state["wall_seconds"], "log": json.loads(state["log"])}
+
+
+class null_progress:
+    """A progress bar that shows nothing (``progress=None``)."""
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return lambda *a, **k: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files
+
+
+def save_student(workdir: Path, student: torch.nn.Module, method: str, suite: str, hp: dict, sampling: dict,
+                 accounting: Accounting, log: dict, **extra) -> None:
+    """Write ``model.safetensors`` (the student denoiser's weights + its sampling settings) and then
+    ``fit.json`` (both atomic; a fit counts as done only when both exist), then drop the checkpoint.
+
+    The metadata names the method that wrote the file (``sfdbench sample`` loads it through that
+    method) and the adapters attached to the teacher's architecture; the weights load into a copy
+    of the teacher with those adapters (``Suite.load_student``). The compute accounting is
+    explicit: wall time of the whole loop, teacher trajectories included."""
+    meta = {"kind": STUDENT_KIND, "method": method, "suite": suite, "sampling": sampling, "hyperparameters": hp,
+            "adapters": {"step_condition": is_step_conditioned(student)}}
+    save_weights(student, workdir / "model.safetensors", meta)
+    fit = {"fine_tuning": accounting.to_dict(), "hyperparameters": hp, "sampling": sampling, **log,
+           "teacher_trajectories": hp["iterations"] * hp["batch"], "includes_teacher_trajectories": True,
+           "device": accounting.device, "devices": accounting.devices, "loss": hp.get("loss"), **extra}
+    atomic_write_bytes(workdir / "fit.json", (json.dumps(fit, indent=2) + "\n").encode())
+    (workdir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def fit_done(workdir: Path) -> bool:
+    return (workdir / "model.safetensors").is_file() and (workdir / "fit.json").is_file()
+
+
+def read_fit(workdir: Path) -> dict:
+    """The ``fit.json`` beside a model file (empty when there is none)."""
+    path = Path(workdir) / "fit.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_student(path: Path, suite, teacher: Denoiser, device) -> tuple[torch.nn.Module, dict]:
+    """A fitted student (eval mode, frozen) and its metadata, rebuilt by the suite from a copy of
+    the teacher's architecture (never from a network class named in the file)."""
+    meta = read_metadata(path)
+    if meta.get("kind") != STUDENT_KIND or "sampling" not in meta:
+        raise BadInput(f"{path} is not an sfdbench student model (its metadata has no sampling settings)")
+    student = suite.load_student(path, teacher, meta).to(device).eval()
+    student.requires_grad_(False)
+    return student, meta

@@ -1,0 +1,83 @@
+"""What `sfdbench table`, `plot` and `report` put together from a results folder: the suite's
+table (measured + published rows), its caption, the FID-vs-fine-tuning plot files and the HTML
+report. The CLI only parses and prints; the assembling lives here."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from sfdbench.baselines import load_published
+from sfdbench.errors import BadInput
+from sfdbench.io import atomic_write_bytes
+from sfdbench.records import read_record
+from sfdbench.report.tables import combine, protocol_caption, published_rows, summarize, variant_displays
+
+
+def suite_table(suite: str, records: pd.DataFrame, results: Path, published: bool = True) -> pd.DataFrame:
+    """Measured rows (from ``records``, loaded from ``results``) + published rows of ``suite``; bad
+    input when there is nothing to show."""
+    measured = summarize(records)
+    paper = published_rows(load_published(suite) if published else pd.DataFrame())
+    if measured.empty and paper.empty:
+        raise BadInput(f"no {suite} records under {results} and no published rows; run `sfdbench run --suite {suite}`")
+    return combine(measured, paper)
+
+
+def table_caption(suite: str, records: pd.DataFrame) -> str:
+    caption = (f"{suite}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
+               "published rows are the SFD paper's (A100 hours). ")
+    if not records.empty:
+        caption += protocol_caption(list(records["metric_protocol"]))
+        if "guidance" in records and (records["guidance"] != 1.0).any():
+            caption += (" Guided rows (CFG w) cost 2 network evaluations per sampler step: their NFE column counts "
+                        "sampler steps, their network calls are twice that.")
+    return caption.strip()
+
+
+def write_plot(suite: str, table: pd.DataFrame, target: Path) -> list[Path]:
+    """The FID-vs-fine-tuning plot as PNG and PDF in ``target``."""
+    import matplotlib.pyplot as plt
+
+    from sfdbench.report.plots import fid_vs_finetuning
+
+    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time")
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, bbox_inches="tight")
+        path = Path(target) / f"fid_vs_finetuning.{ext}"
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def write_report(suite, records: pd.DataFrame, results: Path, target: Path) -> Path:
+    """One static HTML file (tables, plot, sample grids, run metadata) that opens offline."""
+    from sfdbench.report.html import report_html
+
+    table = suite_table(suite.name, records, results)
+    plots = results / suite.name / "plots" if (results / suite.name).is_dir() else Path(tempfile.mkdtemp())
+    plot_png = write_plot(suite.name, table, plots)[0]
+    grids, metadata = [], {"suite": suite.name, "description": suite.description}
+    if not records.empty:
+        records = records.copy()
+        records["display"] = variant_displays(records)
+        for (display, nfe), part in records.groupby(["display", "nfe"], sort=False):
+            # the grid lies next to the records, whatever the folder was called when they were written
+            named = part["sample_grid"].dropna()
+            path = results / suite.name / "grids" / Path(named.iloc[0]).name if not named.empty else None
+            if path is not None and path.is_file():
+                grids.append((f"{display}, NFE {nfe}", path))
+        first = read_record(Path(records["path"].iloc[-1])) or {}
+        metadata.update({"records": len(records), "seeds": sorted(set(records["seed"])),
+                         "samples per record": sorted(set(records["n_samples"].dropna().astype(int))),
+                         "metric protocol": first.get("metric_protocol"), "versions": first.get("versions"),
+                         "git revision": first.get("git_revision"), "last run ended": first.get("ended_at"),
+                         "fine-tuning devices": sorted(set(records["device"].dropna()))})
+    atomic_write_bytes(target, report_html(suite.name, table, plot_png, grids, metadata).encode())
+    return target
