@@ -28,15 +28,7 @@ def _command_line() -> str:
 def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                   iterations: int = typer.Option(4500), batch: int = typer.Option(128), seed: int = typer.Option(0)):
     """Train an embedded suite's EDM teacher (EDM loss, EMA) and write safetensors + JSON."""
-    from sfdbench.harness.progress import progress_bar
-    from sfdbench.networks.checkpoint import save_weights
-    from sfdbench.suites import get_suite
-
-    s = get_suite(suite)
-    target = _writable_file(out_path or s.teacher_weights_path())
-    net, meta = s.train_teacher(iterations=iterations, batch=batch, seed=seed, progress=progress_bar)
-    meta["command"] = _command_line()
-    save_weights(net, target, meta)
+    net, meta, target = _train(suite, out_path, "teacher", iterations=iterations, batch=batch, seed=seed)
     out.print(f"wrote {target} (loss {meta['final_loss_ema']:.4f}, {meta['wall_seconds']:.0f} s)")
 
 
@@ -44,44 +36,49 @@ def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = t
 def features_train(suite: str = typer.Option("digits"), out_path: Path | None = typer.Option(None, "--out"),
                    epochs: int = typer.Option(60), seed: int = typer.Option(0)):
     """Train an embedded suite's feature CNN and write safetensors + JSON (reports held-out accuracy)."""
+    net, meta, target = _train(suite, out_path, "features", epochs=epochs, seed=seed)
+    out.print(f"wrote {target} (held-out accuracy {meta['test_accuracy']:.4f})")
+
+
+def _train(suite: str, out_path: Path | None, what: str, **settings):
+    """Train the suite's teacher or feature network and save it with the command that made it."""
     from sfdbench.harness.progress import progress_bar
     from sfdbench.networks.checkpoint import save_weights
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
-    target = _writable_file(out_path or s.feature_weights_path())
-    net, meta = s.train_features(epochs=epochs, seed=seed, progress=progress_bar)
+    default, train = ((s.teacher_weights_path, s.train_teacher) if what == "teacher"
+                      else (s.feature_weights_path, s.train_features))
+    target = _writable_file(out_path or default())
+    net, meta = train(progress=progress_bar, **settings)
     meta["command"] = _command_line()
     save_weights(net, target, meta)
-    out.print(f"wrote {target} (held-out accuracy {meta['test_accuracy']:.4f})")
+    return net, meta, target
 
 
-def _int_list(text: str | None, what: str) -> list[int] | None:
+def _number_list(text: str | None, what: str, kind=int, words: str = "integers") -> list | None:
+    """Comma-separated numbers of ``kind`` (None when not given; bad input when malformed or empty)."""
     if text is None:
         return None
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise BadInput(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise BadInput(f"{what} must be comma-separated {words}, got {text!r}") from None
     if not values:
         raise BadInput(f"{what} is empty")
     return values
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    return _number_list(text, what)
+
+
+def _float_list(text: str | None, what: str) -> list[float] | None:
+    return _number_list(text, what, float, "numbers")
 
 
 def _name_list(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
-
-
-def _float_list(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise BadInput(f"{what} is empty")
-    return values
 
 
 @app.command("run")

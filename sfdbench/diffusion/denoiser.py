@@ -97,7 +97,22 @@ def _batch_both(uncond: dict, cond: dict, batch: int) -> dict:
     return merged
 
 
-class ClassifierFreeGuidance:
+class DenoiserWrapper:
+    """A denoiser around another one (``self.denoiser``), with its sigma range."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6, in denoiser form):
     D_w(x; sigma, c) = D(x; sigma, u) + w (D(x; sigma, c) - D(x; sigma, u)), where ``unconditional(cond)``
     makes u (class labels zeroed, the empty prompt, ...).
@@ -108,21 +123,13 @@ class ClassifierFreeGuidance:
     ``network_evaluations_per_call``)."""
 
     def __init__(self, denoiser: Denoiser, scale: float, unconditional):
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.scale = float(scale)
         self.unconditional = unconditional
 
     @property
     def network_evaluations_per_call(self) -> int:
         return 1 if self.scale in (0.0, 1.0) else 2
-
-    @property
-    def sigma_min(self) -> float:
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.denoiser.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if self.scale == 1.0:
@@ -136,7 +143,7 @@ class ClassifierFreeGuidance:
         return d_uncond + self.scale * (d_cond - d_uncond)
 
 
-class CountingDenoiser:
+class CountingDenoiser(DenoiserWrapper):
     """Wraps a denoiser and counts its evaluations: the NFE is counted, never declared.
 
     ``calls`` is the number of network evaluations; ``samples`` the number of per-sample
@@ -144,17 +151,9 @@ class CountingDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser):
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.calls = 0
         self.samples = 0
-
-    @property
-    def sigma_min(self) -> float:
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.denoiser.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         self.calls += 1
