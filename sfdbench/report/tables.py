@@ -15,7 +15,7 @@ FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
 EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
                  "class_match": "Class match"}
-COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
+COLUMNS = ["group", "method", "display", "nfe", "guidance", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
            "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device"]
 
 
@@ -30,7 +30,10 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     if "variant" not in records:
         records["variant"] = ""
     records["display"] = variant_displays(records)
-    aggs = {"fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"), "seeds": ("seed", "nunique"),
+    if "guidance" not in records:
+        records["guidance"] = 1.0
+    aggs = {"guidance": ("guidance", "first"), "fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"),
+            "seeds": ("seed", "nunique"),
             "n_samples": ("n_samples", "max"), "fine_tuning_hours": ("fine_tuning_hours", "mean"),
             "device": ("device", "first")}
     aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
@@ -94,8 +97,9 @@ def combine(measured: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(both["method"].drop_duplicates())}
     key = pd.DataFrame({"g": both["group"].map({g: i for i, g in enumerate(GROUPS)}).fillna(9),
                         "m": both["method"].map(order), "n": both["nfe"].astype(int),
+                        "w": pd.to_numeric(both["guidance"], errors="coerce").fillna(1.0),
                         "s": (both["source"] != "measured").astype(int)})
-    return both.loc[key.sort_values(["g", "m", "n", "s"], kind="stable").index].reset_index(drop=True)
+    return both.loc[key.sort_values(["g", "m", "n", "w", "s"], kind="stable").index].reset_index(drop=True)
 
 
 def _fid_cell(row, pm: str) -> str:
