@@ -76,6 +76,10 @@ BAD_INPUT = {
     "unknown hyperparameter": ["run", "--methods", "sfd", "--nfe", "2", "--set", "sfd.warp=3"],
     "too few samples": ["run", "--methods", "ddim", "--nfe", "2", "--samples", "1"],
     "bad format": ["table", "--format", "html"],
+    "guidance on an unconditional suite": ["run", "--methods", "ddim", "--nfe", "2", "--guidance", "2"],
+    "negative guidance": ["run", "--suite", "digits-cond", "--methods", "ddim", "--nfe", "2", "--guidance", "-1"],
+    "bad guidance list": ["run", "--suite", "digits-cond", "--guidance", "strong"],
+    "unknown grid": ["run", "--grid", "huge"],
 }
 
 
