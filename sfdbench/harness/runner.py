@@ -55,6 +55,9 @@ def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | N
     for e in grid:
         entries.setdefault(e.method, []).append((e.nfes, e.guidance))
     names = methods or list(entries)
+    for e in suite.full_grid:  # a method named with --methods but only in the full grid keeps its NFEs
+        if e.method in names and e.method not in {g.method for g in grid}:
+            entries.setdefault(e.method, []).append((e.nfes, e.guidance))
     out = []
     for m in names:
         for listed_nfes, scale in entries.get(m) or [((), None)]:
@@ -65,7 +68,7 @@ def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | N
 
 
 def _missing_nfe(method: str):
-    raise BadInput(f"method {method!r} is not in this suite's default grid; pass --nfe")
+    raise BadInput(f"method {method!r} is not in this suite's grids; pass --nfe")
 
 
 def parse_overrides(items: list[str]) -> dict:
