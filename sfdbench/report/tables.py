@@ -15,8 +15,8 @@ FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
 EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
                  "class_match": "Class match"}
-COLUMNS = ["group", "method", "display", "nfe", "guidance", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
-           "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device"]
+COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
+           "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance"]
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
