@@ -10,9 +10,9 @@ import pytest
 from sfdbench.errors import BadInput
 from sfdbench.harness import ablate
 from sfdbench.harness.ablate import KNOBS, Ablation, plans
-from sfdbench.report.ablation import render_ablation
 from sfdbench.harness.runner import RunPlan, make_suite
 from sfdbench.methods import get_method
+from sfdbench.report.ablation import render_ablation
 
 
 def test_every_knob_plans_one_sfd_run_per_value(tmp_path):

@@ -112,6 +112,12 @@ class DenoiserWrapper:
         return self.denoiser.sigma_max
 
 
+def guided_evaluations_per_call(scale: float) -> int:
+    """Network evaluations per sample of one guided call: 1 at w = 1 (conditional) or w = 0
+    (unconditional), else 2 (both branches)."""
+    return 1 if scale in (0.0, 1.0) else 2
+
+
 class ClassifierFreeGuidance(DenoiserWrapper):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6, in denoiser form):
     D_w(x; sigma, c) = D(x; sigma, u) + w (D(x; sigma, c) - D(x; sigma, u)), where ``unconditional(cond)``
@@ -129,7 +135,7 @@ class ClassifierFreeGuidance(DenoiserWrapper):
 
     @property
     def network_evaluations_per_call(self) -> int:
-        return 1 if self.scale in (0.0, 1.0) else 2
+        return guided_evaluations_per_call(self.scale)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if self.scale == 1.0:

@@ -222,3 +222,10 @@ def _check(n: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"a schedule needs at least 2 timestamps, got {n}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+
+def schedule_for(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float,
+                 vp: DiscreteVP | None = None) -> torch.Tensor:
+    """``get_schedule`` with a suite's discrete-VP table (``Suite.discrete_vp``) passed where the
+    schedule needs it (``discrete``) and left out everywhere else."""
+    return get_schedule(kind, n, sigma_min, sigma_max, rho, **({"vp": vp} if kind == "discrete" else {}))

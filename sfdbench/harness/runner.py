@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sfdbench.diffusion.denoiser import guided_evaluations_per_call
 from sfdbench.errors import BadInput
 from sfdbench.harness.progress import console, progress_bar
 from sfdbench.harness.sampling import MAX_RUN_SEED, SEED_STRIDE, generate
@@ -48,9 +49,6 @@ def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | N
     if which not in ("default", "full"):
         raise BadInput(f"--grid must be default or full, got {which!r}")
     grid = (suite.full_grid or suite.default_grid) if which == "full" else suite.default_grid
-    if guidance and not suite.conditional and any(w != 1.0 for w in guidance):
-        raise BadInput(f"suite {suite.name!r} is unconditional: classifier-free guidance needs conditioning; "
-                       "use --guidance 1 or a conditional suite (see `sfdbench suites`)")
     entries: dict[str, list[tuple[tuple[int, ...], float | None]]] = {}
     for e in grid:
         entries.setdefault(e.method, []).append((e.nfes, e.guidance))
@@ -121,7 +119,8 @@ def check_guidance(suite, scale: float) -> None:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise BadInput(f"guidance scale must be a finite number >= 0, got {scale!r}")
     if scale != 1.0 and not suite.conditional:
-        raise BadInput(f"suite {suite.name!r} is unconditional: classifier-free guidance needs conditioning")
+        raise BadInput(f"suite {suite.name!r} is unconditional: classifier-free guidance needs conditioning; "
+                       "use --guidance 1 or a conditional suite (see `sfdbench suites`)")
 
 
 def check_writable(path: Path) -> None:
@@ -157,7 +156,7 @@ def write_sample_grid(fitted, suite, path: Path, device, guidance: float = 1.0) 
 
 def guidance_record(scale: float) -> dict:
     """What a record says about guidance: the scale and what one sampler evaluation costs."""
-    return {"scale": scale, "network_evaluations_per_call": 1 if scale in (0.0, 1.0) else 2,
+    return {"scale": scale, "network_evaluations_per_call": guided_evaluations_per_call(scale),
             "formula": "D_u + w (D_c - D_u) (classifier-free guidance; w = 1: conditional, w = 0: unconditional)"}
 
 

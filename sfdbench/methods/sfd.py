@@ -29,7 +29,7 @@ import torch
 
 from sfdbench.diffusion import solvers
 from sfdbench.diffusion.denoiser import Denoiser, analytic_first_direction
-from sfdbench.diffusion.schedules import DiscreteVP, get_schedule
+from sfdbench.diffusion.schedules import DiscreteVP, schedule_for
 from sfdbench.errors import BadInput
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
@@ -82,12 +82,6 @@ class SFDStepConfig:
     vp: DiscreteVP | None = field(default=None, compare=False)
 
 
-def schedule(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float, vp: DiscreteVP | None = None
-             ) -> torch.Tensor:
-    """``get_schedule`` with the suite's discrete-VP table passed where the schedule needs it."""
-    return get_schedule(kind, n, sigma_min, sigma_max, rho, **({"vp": vp} if kind == "discrete" else {}))
-
-
 def teacher_targets(teacher: Denoiser, x_start: torch.Tensor, student_sigmas: torch.Tensor, cfg: SFDStepConfig,
                     cond: dict | None = None) -> torch.Tensor:
     """Teacher states at the student timestamps t_1..t_{N-1}: shape [N-1, *x.shape].
@@ -98,7 +92,7 @@ def teacher_targets(teacher: Denoiser, x_start: torch.Tensor, student_sigmas: to
     n = len(student_sigmas)
     k = cfg.m + 1
     sigma_min, sigma_max = float(student_sigmas[-1]), float(student_sigmas[0])
-    teacher_sigmas = schedule(cfg.schedule, k * (n - 1) + 1, sigma_min, sigma_max, cfg.rho, cfg.vp)
+    teacher_sigmas = schedule_for(cfg.schedule, k * (n - 1) + 1, sigma_min, sigma_max, cfg.rho, cfg.vp)
     with torch.no_grad():
         traj = solvers.trajectory(solvers.SOLVERS[cfg.teacher_solver], teacher, x_start, teacher_sigmas,
                                   afs=cfg.teacher_afs, cond=cond, **dict(cfg.teacher_options))
@@ -254,7 +248,7 @@ def load_fitted(path: Path, suite, teacher: Denoiser, device, nfe: int | None = 
     its stored default (like the reference's stored ``num_steps``)."""
     student, meta = load_student(path, suite, teacher, device)
     s = sampling_at(meta["sampling"], nfe, path)
-    sigmas = schedule(s["schedule"], s["num_steps"], s["sigma_min"], s["sigma_max"], s["rho"], suite.discrete_vp)
+    sigmas = schedule_for(s["schedule"], s["num_steps"], s["sigma_min"], s["sigma_max"], s["rho"], suite.discrete_vp)
     add = {"step_condition": s["num_steps"]} if s.get("step_condition") else None
     sample = solvers.sampler(solvers.euler, sigmas, afs=s["afs"], add_cond=add)
     fit = read_fit(Path(path).parent)
@@ -362,7 +356,7 @@ def train_sfd(ctx: FitContext, hp: dict, method: str = "sfd") -> None:
     ``checkpoint_every`` iterations, and write ``model.safetensors`` (+ sampling settings) and ``fit.json``."""
     suite = ctx.suite
     student = suite.make_student(ctx.teacher)
-    sigmas = schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
+    sigmas = schedule_for(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
                       suite.discrete_vp).to(ctx.device)
     cfg = step_config(hp, suite.discrete_vp)
     lpips = lpips_loss()[0] if hp["loss"] == "lpips" else None

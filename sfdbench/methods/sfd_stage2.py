@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfdbench.diffusion.denoiser import Denoiser
+from sfdbench.diffusion.schedules import schedule_for
 from sfdbench.errors import BadInput
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
-from sfdbench.methods.sfd import SFDStepConfig, learning_rate, load_fitted, lpips_loss, schedule, sfd_iteration
+from sfdbench.methods.sfd import SFDStepConfig, learning_rate, load_fitted, lpips_loss, sfd_iteration
 from sfdbench.methods.sfd_v import SFDVMethod, TrainedModel
 from sfdbench.methods.training import (
     Accounting,
@@ -133,7 +134,7 @@ def train_stage2(ctx: FitContext, hp: dict, first: TrainedModel, method: str = "
         raise BadInput(f"{first.path} was trained on N = {s['variable_num_steps']}, not the teacher's "
                        f"N = {hp['teacher_num_steps']}")
     student = suite.make_student(teacher)
-    sigmas = schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
+    sigmas = schedule_for(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
                       suite.discrete_vp).to(ctx.device)
     lpips, loss_text = resolve_loss(hp["loss"])
     cfg = SFDStepConfig(m=hp["M"], schedule=hp["schedule"], rho=hp["rho"], afs=hp["afs"],

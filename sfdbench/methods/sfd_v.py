@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from sfdbench.diffusion.denoiser import Denoiser
+from sfdbench.diffusion.schedules import schedule_for
 from sfdbench.errors import BadInput
 from sfdbench.io import atomic_write_bytes
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted
-from sfdbench.methods.sfd import SFDMethod, learning_rate, load_fitted, lpips_loss, schedule, sfd_iteration, step_config
+from sfdbench.methods.sfd import SFDMethod, learning_rate, load_fitted, lpips_loss, sfd_iteration, step_config
 from sfdbench.methods.training import LoopSettings, fit_done, read_fit, save_student, train_loop
 from sfdbench.networks.adapters import STEP_INITS, attach_step_condition
 
@@ -147,7 +148,7 @@ def train_sfd_v(workdir: Path, ctx: FitContext, hp: dict, method: str = "sfd-v")
     student = step_conditioned_student(suite, ctx.teacher, hp["step_init"], hp["fit_seed"])
     low, high = hp["train_num_steps"]
     sequence = step_counts(hp["iterations"], low, high, hp["step_seed"])
-    schedules = {n: schedule(hp["schedule"], n, hp["sigma_min"], hp["sigma_max"], hp["rho"], suite.discrete_vp
+    schedules = {n: schedule_for(hp["schedule"], n, hp["sigma_min"], hp["sigma_max"], hp["rho"], suite.discrete_vp
                              ).to(device) for n in sorted(set(sequence))}
     configs = {n: step_config(hp, suite.discrete_vp, m_for(n, hp["M"])) for n in schedules}
     lpips = lpips_loss()[0] if hp["loss"] == "lpips" else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sfdbench.diffusion import solvers
-from sfdbench.diffusion.schedules import get_schedule
+from sfdbench.diffusion.schedules import schedule_for
 from sfdbench.errors import BadInput
 from sfdbench.methods import register_method
 from sfdbench.methods.base import FitContext, Fitted, Method
@@ -69,9 +69,8 @@ class SolverMethod(Method):
 
     def fit(self, ctx: FitContext) -> Fitted:
         hp = self.hyperparameters(ctx.suite, ctx.nfe)
-        # the LDM/SD "discrete" schedule needs the model's noise table (the suite's ``discrete_vp``)
-        extra = {"vp": ctx.suite.discrete_vp} if hp["schedule"] == "discrete" else {}
-        sigmas = get_schedule(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"], **extra)
+        sigmas = schedule_for(hp["schedule"], hp["num_steps"], hp["sigma_min"], hp["sigma_max"], hp["rho"],
+                              ctx.suite.discrete_vp)
         options = {k: hp[k] for k in self.options}
         sample = solvers.sampler(solvers.SOLVERS[self.solver], sigmas, afs=hp["afs"], **options)
         return Fitted(denoiser=ctx.teacher, sample=sample, nfe=ctx.nfe)

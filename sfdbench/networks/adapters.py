@@ -133,10 +133,6 @@ class StepConditioned(nn.Module):
             self.step_proj.append(proj)
         self.to(next(net.parameters()).device)
 
-    @property
-    def config(self):
-        return getattr(self.net, "config", None)
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, step_condition=None, **cond) -> torch.Tensor:
         emb = None
         if step_condition is not None:
