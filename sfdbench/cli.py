@@ -13,7 +13,8 @@ from sfdbench.errors import BadInput, SfdbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark few-step diffusion samplers: SFD and its baselines.")
-teacher_app = typer.Typer(no_args_is_help=True, help="Train the embedded suite's teacher.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train an embedded suite's teacher; inspect or convert an EDM "
+                                                     "teacher.")
 features_app = typer.Typer(no_args_is_help=True, help="Train the embedded suite's feature network.")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(features_app, name="features")
@@ -30,6 +31,33 @@ def teacher_train(suite: str = typer.Option("digits"), out_path: Path | None = t
     """Train an embedded suite's EDM teacher (EDM loss, EMA) and write safetensors + JSON."""
     net, meta, target = _train(suite, out_path, "teacher", iterations=iterations, batch=batch, seed=seed)
     out.print(f"wrote {target} (loss {meta['final_loss_ema']:.4f}, {meta['wall_seconds']:.0f} s)")
+
+
+@teacher_app.command("inspect")
+def teacher_inspect(path: Path = typer.Argument(..., help="an EDM network pickle (.pkl) or a converted .safetensors")):
+    """Architecture, configuration, parameter count and sha256 of a teacher file, read without
+    executing anything from it."""
+    import json
+
+    from sfdbench.networks.edm_pickle import inspect_teacher
+
+    info = inspect_teacher(path)
+    for key, value in info.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+        out.print(f"[bold]{key}[/bold]: {text}", highlight=False, soft_wrap=True)
+
+
+@teacher_app.command("convert")
+def teacher_convert(path: Path = typer.Argument(..., help="an EDM network pickle (.pkl)"),
+                    out_path: Path = typer.Argument(..., help="the .safetensors to write (weights + config JSON)")):
+    """Convert an EDM pickle to safetensors (weights + its configuration); afterwards no pickle is needed."""
+    from sfdbench.networks.edm_pickle import convert_to_safetensors
+
+    if out_path.suffix != ".safetensors":
+        raise BadInput(f"{out_path} must end in .safetensors")
+    _check_writable_dir(out_path.parent)
+    convert_to_safetensors(path, out_path)
+    out.print(f"wrote {out_path}")
 
 
 @features_app.command("train")
@@ -88,7 +116,11 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             seeds: str | None = typer.Option(None, help="comma-separated run seeds; default: the suite's"),
             samples: int | None = typer.Option(None, help="samples per (method, NFE, seed)"),
             out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
-            teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's"),
+            teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's (paper suites: an "
+                                                "EDM .pkl or a .safetensors from `sfdbench teacher convert`)"),
+            reference_images: Path | None = typer.Option(None, help="paper suites: the training set's images (a "
+                                                         "folder of PNGs or an .npz of uint8) for precision/recall/"
+                                                         "density/coverage, KID and FD-DINOv2"),
             device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
             force: bool = typer.Option(False, help="rerun records that already exist"),
             guidance: str | None = typer.Option(None, help="comma-separated classifier-free guidance scales for "
@@ -109,7 +141,7 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
                    seeds=_int_list(seeds, "--seeds") or list(s.default_seeds),
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
                    teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
-                   command=_command_line())
+                   reference_images=reference_images, command=_command_line())
     start = time.perf_counter()
     paths = run(plan)
     out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
@@ -273,18 +305,178 @@ def methods_cmd():
     out.print(table)
 
 
-@app.command("assets")
-def assets_cmd():
-    """List the real suites' downloadable assets: URL, cache path, present or missing."""
-    from rich.table import Table
+assets_app = typer.Typer(invoke_without_command=True, help="The real suites' downloadable assets: list (default), "
+                         "download, verify. The cache is $SFDBENCH_CACHE (default ~/.cache/sfdbench).")
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.callback()
+def assets_main(ctx: typer.Context):
+    """List the real suites' downloadable assets (`sfdbench assets` = `sfdbench assets list`), download
+    them (resumable, verified by sha256) or verify the files present."""
+    if ctx.invoked_subcommand is None:
+        assets_list()
+
+
+@assets_app.command("list")
+def assets_list():
+    """Table of every asset: key, kind, suites, present, size, sha256 pin; then paths and URLs."""
+    from rich import box
+    from rich.filesize import decimal
+    from rich.table import Column, Table
 
     from sfdbench.io import cache_dir
-    from sfdbench.suites.assets import status
+    from sfdbench.suites.assets import ASSETS, locate, read_record
 
-    table = Table("asset", "present", "path", "url", title=f"cache: {cache_dir()} (set SFDBENCH_CACHE to move it)")
-    for _key, asset, present in status():
-        table.add_row(asset.name, "[green]yes[/green]" if present else "[red]no[/red]", str(asset.path), asset.url)
+    table = Table(Column("key", no_wrap=True), Column("kind", no_wrap=True), Column("suites", min_width=10), "present",
+                  "size", "sha256", title=f"cache: {cache_dir()} (set SFDBENCH_CACHE to move it)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    where = []
+    for key, asset in ASSETS.items():
+        path = locate(asset)
+        if asset.sha256:
+            check = "pinned"
+        elif asset.sha256_prefix:
+            check = f"prefix {asset.sha256_prefix}"
+        elif path == asset.path and asset.sidecar_path.is_file():
+            try:
+                check = "first download" if read_record(asset) else ""
+            except BadInput:
+                check = "[red]record unreadable[/red]"
+        elif path is not None:
+            check = "[yellow]unverified[/yellow]"
+        else:
+            check = "none yet"
+        size = path.stat().st_size if path is not None else asset.size
+        table.add_row(key, asset.kind, " ".join(asset.suites), "[green]yes[/green]" if path else "[red]no[/red]",
+                      decimal(size) if size is not None else "?", check)
+        where.append(f"  {key}: {path}" if path else f"  {key}: {asset.url} -> {asset.path}")
     out.print(table)
+    out.print("\n".join(["files:", *where]), highlight=False, soft_wrap=True)
+    out.print("download: `sfdbench assets download --suite SUITE` or `sfdbench assets download KEY...`; "
+              "check: `sfdbench assets verify`", highlight=False, soft_wrap=True)
+
+
+def _selected_assets(names: list[str] | None, suite: str | None) -> list | None:
+    """The assets named (BadInput listing the known keys for an unknown one), a suite's assets, or None (all)."""
+    from sfdbench.suites.assets import ASSETS, assets_for_suite
+
+    if names and suite is not None:
+        raise BadInput("give asset names or --suite, not both")
+    if suite is not None:
+        from sfdbench.suites import get_suite
+
+        return assets_for_suite(get_suite(suite).name)
+    if not names:
+        return None
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        raise BadInput(f"unknown asset{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                       f"known assets: {', '.join(ASSETS)}")
+    return [ASSETS[n] for n in dict.fromkeys(names)]
+
+
+@assets_app.command("download")
+def assets_download(names: list[str] | None = typer.Argument(None, help="asset keys (see `sfdbench assets`)"),
+                    suite: str | None = typer.Option(None, help="every asset this suite uses"),
+                    all_: bool = typer.Option(False, "--all", help="every asset"),
+                    timeout: float = typer.Option(60.0, help="seconds without data before giving up")):
+    """Download assets into the cache (resumable, sha256-checked); exit 3 when one cannot be fetched.
+
+    A partial download (FILE.part) is resumed with an HTTP Range request; the complete file is checked
+    against its pinned sha256 or the one recorded at its first download, then renamed into place."""
+    import time
+
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from sfdbench.errors import MissingAsset
+    from sfdbench.suites.assets import ASSETS, download, locate
+
+    selected = _selected_assets(names, suite)
+    if selected is None:
+        if not all_:
+            raise BadInput(f"name the assets to download ({', '.join(ASSETS)}), or give --suite SUITE or --all")
+        selected = list(ASSETS.values())
+    if not selected:
+        out.print(f"suite {suite!r} downloads nothing")
+        return
+    err = Console(stderr=True)
+    failures = []
+    for asset in selected:
+        present = locate(asset)
+        if present is not None:
+            out.print(f"{asset.key}: present ({present})", highlight=False, soft_wrap=True)
+            continue
+        start = time.perf_counter()
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task(asset.key, total=asset.size)
+
+            def progress(done: int, total: int | None, bar=bar, task=task) -> None:
+                bar.update(task, completed=done, total=total)
+
+            try:
+                path = download(asset, progress=progress, timeout=timeout)
+            except MissingAsset as exc:
+                failures.append((asset, exc))
+                continue
+        out.print(f"{asset.key}: {decimal(path.stat().st_size)} in {time.perf_counter() - start:.0f} s -> {path}",
+                  highlight=False, soft_wrap=True)
+    if len(failures) == 1 and len(selected) == 1:
+        raise failures[0][1]
+    if failures:
+        for _asset, exc in failures:
+            print(f"sfdbench: error: {exc}", file=sys.stderr)
+        keys = " ".join(a.key for a, _ in failures)
+        raise MissingAsset(f"{len(failures)} of {len(selected)} downloads failed ({keys}); rerun "
+                           f"`sfdbench assets download {keys}` to resume")
+
+
+@assets_app.command("verify")
+def assets_verify(names: list[str] | None = typer.Argument(None, help="asset keys; default: every asset present"),
+                  suite: str | None = typer.Option(None, help="every asset this suite uses")):
+    """Recompute the sha256 of present assets; exit 3 on a mismatch or a missing requested asset.
+
+    Each file is compared with its pinned sha256 (or prefix) or with the sha256 recorded at its first
+    download (FILE.sha256); an unpinned file placed by hand is reported as unverified."""
+    import contextlib
+
+    from rich.table import Column, Table
+
+    from sfdbench.errors import MissingAsset
+    from sfdbench.suites.assets import ASSETS, locate, verify
+
+    selected = _selected_assets(names, suite)
+    requested = selected is not None
+    table = Table(Column("key", no_wrap=True), "status", Column("sha256", overflow="fold"),
+                  Column("path", overflow="fold"))
+    problems, missing = [], []
+    err = Console(stderr=True)
+    for asset in selected if requested else ASSETS.values():
+        path = locate(asset)
+        if path is None:
+            if requested:
+                missing.append(asset.key)
+            table.add_row(asset.key, "[red]missing[/red]" if requested else "missing", "", str(asset.path))
+            continue
+        with err.status(f"sha256 of {path}") if err.is_terminal else contextlib.nullcontext():
+            result = verify(asset)
+        if result["ok"] is None:
+            status = "[yellow]unverified local file[/yellow] (no pin, no first-download record)"
+        elif result["ok"]:
+            status = f"[green]ok[/green] ({result['source']})"
+        else:
+            status = f"[red]MISMATCH[/red]: expected {result['expected']} ({result['source']})"
+            problems.append(f"{asset.key}: {path} has sha256 {result['sha256']}, expected {result['expected']} "
+                            f"({result['source']})")
+        table.add_row(asset.key, status, result["sha256"], str(path))
+    out.print(table)
+    if problems:
+        keys = " ".join(p.split(":", 1)[0] for p in problems)
+        raise MissingAsset("; ".join(problems) + f"; delete the file(s) and run `sfdbench assets download {keys}`")
+    if missing:
+        raise MissingAsset(f"missing: {', '.join(missing)}; run `sfdbench assets download {' '.join(missing)}`")
 
 
 @app.command("fid-ci")
@@ -336,7 +528,9 @@ def _load_npz_images(path: Path, channels: int):
 
 
 @app.command("sample")
-def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetensors written by `sfdbench run`"),
+def sample_cmd(model: Path | None = typer.Option(None, help="a distilled model.safetensors written by `sfdbench run`"),
+               method: str | None = typer.Option(None, help="instead of --model: a training-free solver method "
+                                                 "(e.g. dpmpp3m) sampling the teacher at --nfe"),
                suite: str = typer.Option("digits"), samples: int = typer.Option(64), seed: int = typer.Option(0),
                out_path: Path = typer.Option(Path("samples.png"), "--out", help=".png grid or .npz of uint8"),
                nfe: int | None = typer.Option(None, help="NFE for a model trained on several (SFD-v: 2-5); "
@@ -364,7 +558,13 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
     _check_writable_dir(out_path.parent)
     s = get_suite(suite)
     check_guidance(s, guidance)
-    fitted = load_model(model, s, s.load_teacher(teacher, device=device), device, nfe=nfe)
+    if (model is None) == (method is None):
+        raise BadInput("give exactly one of --model (a distilled model file) or --method (a solver)")
+    teacher_net = s.load_teacher(teacher, device=device)
+    if model is not None:
+        fitted = load_model(model, s, teacher_net, device, nfe=nfe)
+    else:
+        fitted = _solver_fitted(method, nfe, s, teacher_net, device)
     u8, _, stats = generate(fitted, s, seed, samples, device=device, guidance=guidance)
     buf = io.BytesIO()
     if out_path.suffix == ".npz":
@@ -377,6 +577,23 @@ def sample_cmd(model: Path = typer.Option(..., help="a distilled model.safetenso
     atomic_write_bytes(out_path, buf.getvalue())
     out.print(f"wrote {samples} samples at NFE {stats['sampler_nfe']:g} ({stats['nfe_counted']:g} network "
               f"evaluations per sample) to {out_path}")
+
+
+def _solver_fitted(method: str, nfe: int | None, suite, teacher, device):
+    """A training-free method's sampler of ``teacher`` (``sfdbench sample --method``)."""
+    import torch
+
+    from sfdbench.methods import FitContext, get_method
+
+    m = get_method(method)
+    if m.group != "solver" or getattr(m, "solver", None) is None:
+        raise BadInput(f"--method {method!r} needs fine-tuning; run it with `sfdbench run` and sample its model file "
+                       "with --model")
+    if nfe is None:
+        raise BadInput("--method needs --nfe")
+    m.check_nfe(nfe, suite)
+    return m.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=Path("."), device=torch.device(device),
+                            progress=None))
 
 
 @app.command("ablate")

@@ -97,7 +97,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
                      **rec.get("metrics", {}),
-                     "fine_tuning_hours": ft.get("device_hours", 0.0), "device": ft.get("device"),
+                     "fine_tuning_hours": ft.get("device_hours", 0.0), "fine_tuning_flops": ft.get("flops"),
+                     "device": ft.get("device"),
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})
     return pd.DataFrame(rows)

@@ -34,6 +34,7 @@ class RunPlan:
     device: str = "cpu"
     batch: int = 500
     method_overrides: dict = field(default_factory=dict)
+    reference_images: Path | None = None  # the paper suites' --reference-images (PRDC, KID, FD-DINOv2)
     command: str = ""  # the command line that made the plan, written into every record
 
     def entries(self, suite) -> list[tuple[str, int, float]]:
@@ -95,6 +96,8 @@ def make_suite(plan: RunPlan):
     for method, values in plan.method_overrides.items():
         merged = {**suite.method_options.get(method, {}), **values}
         suite.method_options = {**suite.method_options, method: merged}
+    if plan.reference_images is not None:
+        suite.use_reference_images(plan.reference_images)
     return suite
 
 
@@ -173,6 +176,7 @@ def run(plan: RunPlan) -> list[Path]:
     teacher = suite.load_teacher(plan.teacher, device)  # corrupt or mismatched weights fail here, before any write
     teacher_id = suite.teacher_id(plan.teacher)
     protocol = suite.metric_protocol()
+    assets = suite.asset_provenance(plan.teacher)  # sha256 of every downloaded file (a mismatch stops here)
     written: list[Path] = []
     for method_name, nfe, scale in plan.entries(suite):
         method = get_method(method_name)
@@ -224,6 +228,8 @@ def run(plan: RunPlan) -> list[Path]:
                              "batch": plan.batch, "seconds": stats["sampling_seconds"],
                              "images_per_second": stats["images_per_second"], "device": str(device)},
                 "sample_grid": str(grid_path),
+                **({"assets": assets} if assets else {}),
+                **({"suite_settings_sources": suite.provenance} if getattr(suite, "provenance", None) else {}),
                 "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
                 "command": plan.command,
             }

@@ -152,7 +152,9 @@ def train_stage2(ctx: FitContext, hp: dict, first: TrainedModel, method: str = "
                              ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}", ctx.progress, step,
                              conditioning=suite.training_conditioning, devices=ctx.devices)
     first_cost = first.fit["fine_tuning"]
-    total = Accounting(first_cost["wall_seconds"] + second.wall_seconds, second.device, second.devices)
+    first_flops = first_cost.get("flops")
+    total = Accounting(first_cost["wall_seconds"] + second.wall_seconds, second.device, second.devices,
+                       None if first_flops is None or second.flops is None else first_flops + second.flops)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "nfe": ctx.nfe, "sigma_min": hp["sigma_min"],
                 "sigma_max": hp["sigma_max"], "step_condition": conditioned}

@@ -5,7 +5,10 @@ The loop knows nothing of a particular method: a method hands it a ``step`` (one
 batch of latents and conditioning) and a learning-rate rule. Accounting follows the project's
 convention (``docs/architecture.md``, "Compute accounting"): wall time of the whole loop, teacher
 work included, the device, the device count and device-hours = wall x devices, and the teacher
-evaluations counted by wrapping the teacher.
+evaluations counted by wrapping the teacher, and the floating-point operations: torch's own
+FLOP counter (``torch.utils.flop_counter.FlopCounterMode``) measures one teacher forward and one
+student forward + backward per sample once per fit, and the loop multiplies them by the counted
+evaluations, so costs compare across machines where wall time cannot.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Accounting:
     wall_seconds: float
     device: str
     devices: int
+    flops: float | None = None  # fine-tuning FLOPs (teacher trajectories included); None: not counted
 
     @property
     def device_hours(self) -> float:
@@ -60,6 +64,39 @@ class Accounting:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "device_hours": self.device_hours}
+
+
+def per_sample_flops(model: torch.nn.Module, latent_shape: tuple[int, ...], cond: dict, backward: bool,
+                     device: torch.device | str = "cpu") -> int:
+    """FLOPs of one call of denoiser ``model`` on one sample (``backward``: forward + the backward
+    pass to every trainable parameter), counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (matrix multiplications and convolutions, multiply-add = 2 FLOPs). Gradients are taken with
+    ``torch.autograd.grad``, so nothing accumulates in ``.grad``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, *latent_shape, device=device)
+    sigma = torch.ones(1, device=device)
+    params = [p for p in model.parameters() if p.requires_grad] if backward else []
+    with FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(bool(params)):
+            out = model(x, sigma, **cond)
+            if params:
+                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+    return int(counter.get_total_flops())
+
+
+class EvaluationCounter:
+    """Counts the samples a module is called on (a forward hook; ``remove()`` detaches it)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.samples = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.samples += int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 class Stopwatch:
@@ -146,11 +183,30 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
     state = _load_checkpoint(ckpt_path, student, optimizer)
     start_it, watch, log = state["iteration"], Stopwatch(state["wall_seconds"]), state["log"]
     log.setdefault("teacher_evaluations", 0)
+    log.setdefault("student_evaluations", 0)
+    one = _to_device(conditioning(1, torch.Generator().manual_seed(0)), device) if conditioning else {}
+    flops = {"teacher_forward_per_sample": per_sample_flops(teacher, latent_shape, one, False, device),
+             "student_forward_backward_per_sample": per_sample_flops(student, latent_shape, one, True, device),
+             "counter": "torch.utils.flop_counter.FlopCounterMode (matmul + conv, multiply-add = 2)"}
+    student_calls = EvaluationCounter(student)
     log.setdefault("precision", settings.precision)
     log.setdefault("fp16_fallback_iteration", None)
     log.setdefault("last_loss_nan", False)
     shape = (settings.batch, *latent_shape)
     progress = progress or null_progress
+    try:
+        _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log,
+                 watch, ckpt_path, progress, description, student_calls)
+    finally:
+        student_calls.remove()
+    log["flops"] = flops
+    total = (log["teacher_evaluations"] * flops["teacher_forward_per_sample"]
+             + log["student_evaluations"] * flops["student_forward_backward_per_sample"])
+    return Accounting(watch.seconds, device_name(device), devices, float(total)), log
+
+
+def _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log, watch,
+             ckpt_path, progress, description, student_calls) -> None:
     with progress(description, settings.iterations) as advance:
         advance(start_it)
         for it in range(start_it, settings.iterations):
@@ -170,11 +226,12 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
             log["nan_loss_iterations"] += int(out["loss_nan"])
             log["last_loss_nan"] = math.isnan(out["losses"][-1])
             log["teacher_evaluations"] += counted.samples
+            log["student_evaluations"] += student_calls.samples
+            student_calls.samples = 0
             log["loss_last"] = out["losses"]
             advance(info=f"loss {out.get('shown_loss', sum(out['losses'])):.3f}")
             if (it + 1) % settings.checkpoint_every == 0 and it + 1 < settings.iterations:
                 _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log)
-    return Accounting(watch.seconds, device_name(device), devices), log
 
 
 def _to_device(cond: dict, device: torch.device) -> dict:

@@ -3,8 +3,11 @@ weights (which keys cached reference statistics).
 
 * ``inception_feature_space()``: torch-fidelity's ``inception-v3-compat`` (the TF Inception-v3 of
   2015-12-05 ported to PyTorch -- the network EDM's ``inception-2015-12-05.pkl`` also wraps), pool3
-  layer ``"2048"``. Its weights file is looked up in torch hub's cache *before* torch-fidelity is
-  asked for the network, so an offline machine gets ``MissingAsset`` instead of a download attempt.
+  layer ``"2048"``, fed uint8 at native resolution (it resizes to 299 inside). Its weights file is
+  looked up *before* torch-fidelity is asked for the network -- first the asset
+  ``inception-v3-compat`` in ``sfdbench.io.cache_dir()/assets/``, then torch hub's cache -- so an
+  offline machine gets ``MissingAsset`` instead of a download attempt.
+* ``sfdbench.metrics.dinov2.dinov2_feature_space()``: DINOv2 ViT-L/14 CLS features (FD-DINOv2), 1024-d.
 * ``sfdbench.metrics.digits_features.feature_space()``: the shipped digits CNN, 64-d.
 """
 
@@ -19,7 +22,7 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from sfdbench.errors import BadInput, MissingAsset
-from sfdbench.io import sha256_file
+from sfdbench.io import cache_dir, sha256_file
 from sfdbench.metrics.fid import extract_features
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -70,11 +73,20 @@ def inception_url() -> str:
     return URL_INCEPTION_V3
 
 
+INCEPTION_ASSET_KEY = "inception-v3-compat"
+
+
 def inception_weights_path() -> Path:
     """Where torch-fidelity's ``load_state_dict_from_url`` keeps the weights:
     ``torch.hub.get_dir()/checkpoints/<file>``, i.e. ``$TORCH_HOME/hub/checkpoints`` with
     ``TORCH_HOME`` defaulting to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(inception_url())
+
+
+def inception_asset_path() -> Path:
+    """Where ``sfdbench assets download inception-v3-compat`` puts the weights:
+    ``sfdbench.io.cache_dir()/assets/<torch-fidelity's file name>``."""
+    return cache_dir() / "assets" / os.path.basename(inception_url())
 
 
 def _expected_sha256_prefix(filename: str) -> str:
@@ -84,30 +96,36 @@ def _expected_sha256_prefix(filename: str) -> str:
 
 
 def require_inception_weights(path: Path | None = None) -> Path:
-    """The Inception weights file without any download: torch hub's cached file (existence and the
-    sha256 prefix in its name are checked) or an explicit ``path`` (existence only)."""
-    explicit = path is not None
-    path = Path(path) if explicit else inception_weights_path()
+    """The Inception weights file without any download: an explicit ``path`` (existence only), else
+    the asset in sfdbench's cache, else torch hub's cached file (for these two, the sha256 prefix in the
+    file name is checked)."""
     name = os.path.basename(inception_url())
-    if not path.is_file():
-        if explicit:
-            raise MissingAsset(f"missing Inception-v3 weights {path}: download {inception_url()} and pass its path")
-        raise MissingAsset(f"missing Inception-v3 weights {name} (torch-fidelity inception-v3-compat, pool3): "
-                           f"download {inception_url()} and put it at {path} "
+    command = f"`sfdbench assets download {INCEPTION_ASSET_KEY}`"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MissingAsset(f"missing Inception-v3 weights {path}: pass an existing file, or run {command} "
+                               f"(or download {inception_url()}) and pass its path")
+        return path  # the user's own file (e.g. a re-converted checkpoint): identified by its hash, not checked
+    candidates = [inception_asset_path(), inception_weights_path()]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise MissingAsset(f"missing {INCEPTION_ASSET_KEY}, Inception-v3 weights {name} (torch-fidelity "
+                           f"inception-v3-compat, pool3): run {command} (it writes {candidates[0]}), or download "
+                           f"{inception_url()} and put it at {candidates[1]} "
                            "(torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to ~/.cache/torch)")
-    if explicit:  # the user's own file (e.g. a re-converted checkpoint): identified by its hash, not checked
-        return path
     expected = _expected_sha256_prefix(name)
     digest = sha256_file(path)
     if not digest.startswith(expected):
         raise BadInput(f"Inception-v3 weights {path} are corrupt (sha256 {digest[:12]}..., expected {expected}...): "
-                       f"delete the file and download {inception_url()} again")
+                       f"delete the file and run {command} (or download {inception_url()} again)")
     return path
 
 
 def inception_feature_space(weights_path: Path | None = None, batch_size: int = 100) -> FeatureSpace:
-    """torch-fidelity's ``inception-v3-compat`` pool3 (2048-d). Raises ``MissingAsset`` when the
-    weights are not in the cache (nothing is downloaded)."""
+    """torch-fidelity's ``inception-v3-compat`` pool3 (2048-d). ``weights_path``: an explicit file;
+    default the asset in sfdbench's cache, then torch hub's cache. Raises ``MissingAsset`` (exit 3)
+    when neither holds it (nothing is downloaded) and ``BadInput`` when a cached copy is corrupt."""
     path = require_inception_weights(weights_path)
 
     def create(cuda: bool) -> FeatureExtractorBase:

@@ -12,6 +12,11 @@ EDM-style files holding only ``mu``/``sigma`` (e.g. ``cifar10-32x32.npz``) load 
 FID, while KID/precision/recall/density/coverage are reported as unavailable.
 
 Writes are atomic (temp file + rename), so a cache file is either complete or absent.
+
+``reference_from_images`` (``--reference-images DIR|npz``) computes such statistics from a set of
+images instead: uint8 [N, C, H, W] in memory, a directory of PNGs (sorted by relative path) or an
+``.npz`` holding ``images`` ([N, C, H, W] or [N, H, W, C]) or ``arr_0`` (ADM/EDM's NHWC); cached like
+any other reference, keyed by the set's identity (file list with sizes and mtimes, file hash or bytes).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import numpy as np
 import torch
 
 from sfdbench.errors import BadInput
-from sfdbench.io import atomic_write_bytes
+from sfdbench.io import atomic_write_bytes, sha256_file
+from sfdbench.io import cache_dir as default_cache_dir
 from sfdbench.metrics.fid import fid_statistics
 from sfdbench.metrics.images import validate_images
 
@@ -157,3 +163,129 @@ def reference_statistics(space, reference_id: str, load_images: Callable[[], tor
             ref.save(path)
     _MEMORY[key] = ref
     return ref
+
+
+# ----------------------------------------------------------------------------- reference from images
+
+IMAGE_SUFFIXES = (".png",)
+_CHANNELS = (1, 3)
+
+
+def _to_nchw(images: np.ndarray, what: str) -> np.ndarray:
+    """uint8 [N, C, H, W] from [N, C, H, W], [N, H, W, C] (C in 1, 3) or [N, H, W] (grayscale)."""
+    if images.dtype != np.uint8:
+        raise BadInput(f"{what} have dtype {images.dtype}; reference images must be uint8 (0..255)")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise BadInput(f"{what} have shape {images.shape}; expected [N, C, H, W] or [N, H, W, C]")
+    if images.shape[1] not in _CHANNELS and images.shape[-1] in _CHANNELS:
+        images = images.transpose(0, 3, 1, 2)  # NHWC (ADM/EDM convention) -> NCHW
+    if images.shape[1] not in _CHANNELS:
+        raise BadInput(f"{what} have shape {images.shape}: no axis of 1 or 3 channels at position 1 or 3")
+    return np.ascontiguousarray(images)
+
+
+def load_image_npz(path: Path) -> torch.Tensor:
+    """uint8 [N, C, H, W] from an npz (key ``images`` or ``arr_0``, NCHW or NHWC; no pickles)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise BadInput(f"{path} is a single .npy array, not an npz; save it with np.savez(path, images=...)")
+        with data:
+            key = next((k for k in ("images", "arr_0") if k in data.files), None)
+            if key is None:
+                raise BadInput(f"{path} holds {', '.join(data.files) or 'nothing'}; expected `images` "
+                               "([N, C, H, W] or [N, H, W, C] uint8) or `arr_0` ([N, H, W, C])")
+            images = data[key]
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"cannot read {path} as an npz of images ({type(exc).__name__}: {exc})") from None
+    return torch.from_numpy(_to_nchw(images, f"images in {path}"))
+
+
+def list_image_files(directory: Path) -> list[Path]:
+    """The PNGs under ``directory`` (recursively, as EDM's ``--subdirs`` writes them), sorted by relative path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInput(f"reference images {directory} is not a directory or an .npz file")
+    files = sorted((p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(directory).as_posix())
+    if len(files) < 2:
+        raise BadInput(f"reference images {directory} hold {len(files)} .png file(s); need at least 2")
+    return files
+
+
+def load_image_dir(directory: Path) -> torch.Tensor:
+    """uint8 [N, C, H, W] from the PNGs under ``directory`` (sorted by relative path; grayscale stays
+    1 channel, palette images become RGB; all must share size and channel count)."""
+    import PIL.Image
+
+    images, first = [], None
+    for path in list_image_files(directory):
+        try:
+            with PIL.Image.open(path) as img:
+                if img.mode == "P":
+                    img = img.convert("RGB")
+                if img.mode not in ("L", "RGB"):
+                    raise BadInput(f"reference image {path} has mode {img.mode}; use 8-bit grayscale or RGB "
+                                   "(no alpha, no 16-bit)")
+                arr = np.asarray(img, dtype=np.uint8)
+        except OSError as exc:
+            raise BadInput(f"cannot read reference image {path} ({exc})") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if first is None:
+            first = (path, arr.shape)
+        elif arr.shape != first[1]:
+            raise BadInput(f"reference image {path} is {arr.shape} (C, H, W) but {first[0]} is {first[1]}; "
+                           "all reference images must share size and channels")
+        images.append(arr)
+    return torch.from_numpy(np.stack(images))
+
+
+def _tensor_digest(images: torch.Tensor) -> str:
+    h = hashlib.sha256(str((tuple(images.shape), str(images.dtype))).encode())
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def image_source_id(source) -> tuple[str, Callable[[], torch.Tensor]]:
+    """(reference id, loader) of an image source: a tensor/array, a directory of PNGs or an .npz."""
+    if isinstance(source, np.ndarray | torch.Tensor):
+        images = torch.as_tensor(source)
+        return f"images-tensor-n{images.shape[0]}-{_tensor_digest(images)[:16]}", lambda: images
+    if not isinstance(source, str | Path):
+        raise BadInput(f"reference images must be uint8 [N, C, H, W], a directory of PNGs or an .npz, got "
+                       f"{type(source).__name__}")
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return f"images-npz-{path.stem}-{sha256_file(path)[:16]}", lambda: load_image_npz(path)
+    if path.is_file():
+        raise BadInput(f"reference images {path} is a file but not an .npz; pass a directory of PNGs or an .npz")
+    files = list_image_files(path)
+    listing = "\n".join(f"{f.relative_to(path).as_posix()}\t{f.stat().st_size}\t{f.stat().st_mtime_ns}"
+                         for f in files)
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    return f"images-dir-{path.resolve().name}-n{len(files)}-{digest}", lambda: load_image_dir(path)
+
+
+def reference_from_images(space, source, *, reference_id: str | None = None, cache_dir: Path | None = None,
+                          cache: bool = True, prdc_reference_size: int | None = None, seed: int = 0,
+                          device: str = "cpu") -> ReferenceStats:
+    """Reference statistics (mu/sigma and features, so PRDC and KID are available) of a set of images
+    in feature space ``space``, through :func:`reference_statistics`.
+
+    Args:
+        source: uint8 [N, C, H, W] (tensor or array), a directory of PNGs (recursive, sorted by relative
+            path) or an ``.npz`` (``images`` NCHW/NHWC or ``arr_0`` NHWC).
+        reference_id: names the set in the cache key; default derived from the source (dir: names,
+            sizes and mtimes of its files; npz: file sha256; tensor: its bytes), so a changed set is
+            recomputed.
+        cache_dir: where ``reference/*.npz`` goes (default ``sfdbench.io.cache_dir()``); ``cache=False``
+            keeps the result in memory only.
+    """
+    ident, load = image_source_id(source)
+    if cache_dir is None and cache:
+        cache_dir = default_cache_dir()
+    return reference_statistics(space, reference_id or ident, load, cache_dir=cache_dir if cache else None,
+                                prdc_reference_size=prdc_reference_size, seed=seed, device=device)

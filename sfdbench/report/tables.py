@@ -14,9 +14,10 @@ from sfdbench.errors import BadInput
 FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
 EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
-                 "class_match": "Class match"}
+                 "class_match": "Class match", "fd_dinov2": "FD-DINOv2"}
 COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
-           "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance"]
+           "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance",
+           "fine_tuning_flops"]
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
@@ -29,17 +30,33 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     records = records.copy()
     if "variant" not in records:
         records["variant"] = ""
-    records["display"] = variant_displays(records)
+    records["display"] = variant_displays(records) + below_protocol_notes(records)
     if "guidance" not in records:
         records["guidance"] = 1.0
     aggs = {"guidance": ("guidance", "first"), "fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"),
             "seeds": ("seed", "nunique"),
             "n_samples": ("n_samples", "max"), "fine_tuning_hours": ("fine_tuning_hours", "mean"),
             "device": ("device", "first")}
+    if "fine_tuning_flops" in records:
+        aggs["fine_tuning_flops"] = ("fine_tuning_flops", "mean")
     aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
     table = records.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(**aggs).reset_index()
     table["source"], table["fid_qualifier"], table["hours_qualifier"] = "measured", "", ""
     return combine(table.reindex(columns=COLUMNS), pd.DataFrame(columns=COLUMNS))
+
+
+def below_protocol_notes(records: pd.DataFrame) -> pd.Series:
+    """`` (n=8 < 50000, not the protocol)`` for records sampled with fewer images than their suite's
+    metric protocol asks for (``metric_protocol.n_generated``, e.g. the paper suites' 50,000), so a
+    quick or test run can never pass for a paper number; empty otherwise."""
+    notes = []
+    for _, rec in records.iterrows():
+        protocol = rec.get("metric_protocol") if "metric_protocol" in records else None
+        wanted = protocol.get("n_generated") if isinstance(protocol, dict) else None
+        n = rec.get("n_samples")
+        below = wanted is not None and n is not None and not pd.isna(n) and int(n) < int(wanted)
+        notes.append(f" (n={int(n)} < {int(wanted)}, not the protocol)" if below else "")
+    return pd.Series(notes, index=records.index, dtype=object)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -125,6 +125,15 @@ class Suite:
 
     # ---------------------------------------------------------------- evaluation
 
+    def use_reference_images(self, source: Path) -> None:
+        """Compute the reference statistics from these images (``--reference-images``)."""
+        raise BadInput(f"suite {self.name!r} has its own reference set; --reference-images is for the paper suites")
+
+    def asset_provenance(self, teacher=None) -> dict:
+        """sha256 and origin of every downloaded file a record depends on (``teacher``: the
+        ``--teacher`` path, if any); the embedded suites download nothing."""
+        return {}
+
     def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict[str, float]:
         """Metrics of uint8 samples [N, C, H, W] (and the conditioning they were drawn with)
         against the suite's reference set."""
