@@ -162,8 +162,11 @@ def protocol_caption(protocols: list[dict]) -> str:
     if not distinct:
         return ""
     p = json.loads(sorted(distinct)[0])
-    parts = [f"Metrics on {p.get('feature_extractor', '?')} features ({p.get('feature_dim', '?')}-d) against "
-             f"{p.get('n_reference', '?')} reference images"]
+    against = (f"{p['n_reference']} reference images" if p.get("n_reference") is not None
+               else str(p.get("reference_set", "?")))
+    parts = [f"Metrics on {p.get('feature_extractor', '?')} features ({p.get('feature_dim', '?')}-d) against {against}"]
+    if p.get("n_generated"):
+        parts.append(f"protocol: {p['n_generated']:,} samples, seeds 0 to {p['n_generated'] - 1:,}")
     if "pr_definition" in p:
         parts.append(f"precision/recall: {p['pr_definition']}, k = {p.get('prdc_k', '?')}")
     if "kid_subsets" in p:
