@@ -7,8 +7,9 @@ random weights in fp32 on the CPU, in its own Python process (so peak memory is 
   ``torch.utils.flop_counter.FlopCounterMode`` (``sfdbench.methods.training.per_sample_flops``, the
   function that also counts fine-tuning FLOPs in run records);
 * wall milliseconds per forward and per forward + backward at ``--batch`` (median of ``--repeats``);
-* peak resident memory of the forward and of the forward + backward (``VmHWM`` after resetting it
-  via ``/proc/self/clear_refs``, minus the resident size before the call).
+* peak resident memory of the first (cold) forward and forward + backward, each in a fresh process
+  (``VmHWM`` after resetting it via ``/proc/self/clear_refs``, minus the resident size before the
+  call), and the process's peak (weights, gradients and activations together).
 
 Then, from FLOPs alone (the paper's settings, ``docs/suites.md#cost-model``):
 
@@ -16,7 +17,7 @@ Then, from FLOPs alone (the paper's settings, ``docs/suites.md#cost-model``):
   N = 4, M = 3, i.e. 12; student: N - 1 - AFS = 2 forward + backward);
 * SFD NFE 2 on CIFAR-10 = 1563 iterations (200 kimg at batch 128) -> A100-hours at the stated
   utilisations of the A100's dense peak (312 TFLOP/s fp16 tensor cores: the reference trains with
-  ``use_fp16``; 156 TFLOP/s TF32), next to the paper's 0.64 A100-hours;
+  ``use_fp16``; 156 TFLOP/s TF32), next to the paper's 0.64 (and 3.34 on ImageNet-64) A100-hours;
 * 50,000 samples at NFE 2 (2 forwards each).
 
     nice python scripts/bench_real_cost.py                       # both configs, batch 2
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 A100_PEAK = {"fp16 tensor": 312e12, "tf32 tensor": 156e12}
-PAPER_SFD_NFE2_CIFAR10_A100_HOURS = 0.64  # SFD paper, Table 2
+PAPER_SFD_NFE2_A100_HOURS = {"cifar10": 0.64, "imagenet64": 3.34}  # SFD paper, Tables 2 and 3
 SFD = {"N": 4, "M": 3, "afs": True, "iterations": 1563, "batch": 128}  # NFE 2, 200 kimg at batch 128
 
 
@@ -62,8 +63,10 @@ def _peak_mib(fn) -> tuple[float, float]:
     return seconds, (_status_kb("VmHWM") - before) / 1024
 
 
-def measure(config: str, batch: int, repeats: int, threads: int) -> dict:
-    """Everything about one configuration, in this process."""
+def measure(config: str, mode: str, batch: int, repeats: int, threads: int) -> dict:
+    """One configuration and one ``mode`` (forward | forward_backward), in this process: the first
+    (cold) call gives the peak memory above the resident size before it, the next ``repeats`` the
+    median time."""
     import torch
 
     from sfdbench.methods.training import per_sample_flops
@@ -75,35 +78,31 @@ def measure(config: str, batch: int, repeats: int, threads: int) -> dict:
     net = build_precond(spec["precond_class"], spec["init_kwargs"])
     label_dim = net.label_dim
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    cond_one = {"class_labels": torch.eye(label_dim)[:1]} if label_dim else {}
     cond = {"class_labels": torch.eye(label_dim)[:batch]} if label_dim else {}
-    params = sum(p.numel() for p in net.parameters())
-    flops_fwd = per_sample_flops(net.eval().requires_grad_(False), shape, cond_one, backward=False)
-    flops_fwd_bwd = per_sample_flops(net.train().requires_grad_(True), shape, cond_one, backward=True)
     x = torch.randn(batch, *shape)
     sigma = torch.full((batch,), 1.0)
+    backward = mode == "forward_backward"
+    net.train(backward).requires_grad_(backward)
 
-    def forward():
-        with torch.no_grad():
-            net.eval()(x, sigma, **cond)
+    def call():
+        if backward:
+            out = net(x, sigma, **cond)
+            out.float().square().mean().backward()
+            net.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                net(x, sigma, **cond)
 
-    def forward_backward():
-        net.train()
-        out = net(x, sigma, **cond)
-        out.float().square().mean().backward()
-        net.zero_grad(set_to_none=True)
-
-    forward()  # warm-up (allocator, oneDNN primitives)
-    fwd = [_peak_mib(forward) for _ in range(repeats)]
-    forward_backward()
-    fwd_bwd = [_peak_mib(forward_backward) for _ in range(repeats)]
-    return {"config": config, "parameters": params, "image_shape": list(shape), "label_dim": label_dim,
-            "batch": batch, "threads": threads, "repeats": repeats,
-            "flops_forward_per_sample": flops_fwd, "flops_forward_backward_per_sample": flops_fwd_bwd,
-            "cpu_ms_forward": 1e3 * statistics.median(s for s, _ in fwd),
-            "cpu_ms_forward_backward": 1e3 * statistics.median(s for s, _ in fwd_bwd),
-            "peak_mib_forward": max(m for _, m in fwd), "peak_mib_forward_backward": max(m for _, m in fwd_bwd),
-            "achieved_cpu_gflops_forward": flops_fwd * batch / statistics.median(s for s, _ in fwd) / 1e9}
+    _, cold_peak = _peak_mib(call)
+    times = [_peak_mib(call)[0] for _ in range(repeats)]
+    cond_one = {"class_labels": torch.eye(label_dim)[:1]} if label_dim else {}
+    flops = per_sample_flops(net, shape, cond_one, backward=backward)
+    ms = 1e3 * statistics.median(times)
+    return {"config": config, "parameters": sum(p.numel() for p in net.parameters()), "image_shape": list(shape),
+            "label_dim": label_dim, "batch": batch, "threads": threads, "repeats": repeats,
+            f"flops_{mode}_per_sample": flops, f"cpu_ms_{mode}": ms, f"peak_mib_{mode}": cold_peak,
+            f"process_peak_mib_{mode}": _status_kb("VmHWM") / 1024,
+            f"achieved_cpu_gflops_{mode}": flops * batch / (ms / 1e3) / 1e9}
 
 
 def sfd_projection(m: dict, utilisations: list[float]) -> dict:
@@ -127,13 +126,15 @@ def sfd_projection(m: dict, utilisations: list[float]) -> dict:
 
 def print_report(results: list[dict], utilisations: list[float]) -> None:
     print("\n| config | params | GFLOP fwd / sample | GFLOP fwd+bwd / sample | CPU ms fwd | CPU ms fwd+bwd | "
-          "peak MiB fwd | peak MiB fwd+bwd | CPU GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak MiB fwd | peak MiB fwd+bwd | process peak MiB fwd / fwd+bwd | CPU GFLOP/s fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in results:
         print(f"| {m['config']} (batch {m['batch']}, {m['threads']} threads) | {m['parameters']:,} | "
               f"{m['flops_forward_per_sample'] / 1e9:.2f} | {m['flops_forward_backward_per_sample'] / 1e9:.2f} | "
               f"{m['cpu_ms_forward']:.0f} | {m['cpu_ms_forward_backward']:.0f} | {m['peak_mib_forward']:.0f} | "
-              f"{m['peak_mib_forward_backward']:.0f} | {m['achieved_cpu_gflops_forward']:.1f} |")
+              f"{m['peak_mib_forward_backward']:.0f} | {m['process_peak_mib_forward']:.0f} / "
+              f"{m['process_peak_mib_forward_backward']:.0f} | {m['achieved_cpu_gflops_forward']:.1f} / "
+              f"{m['achieved_cpu_gflops_forward_backward']:.1f} |")
     for m in results:
         p = m["projection"]
         print(f"\n{m['config']}: SFD NFE 2 = {p['sfd_nfe2_total_flops'] / 1e15:.1f} PFLOP "
@@ -141,10 +142,10 @@ def print_report(results: list[dict], utilisations: list[float]) -> None:
               f"({p['teacher_forwards_per_trajectory']} teacher forwards + "
               f"{p['student_forward_backward_per_trajectory']} student fwd+bwd)); "
               f"50k samples at NFE 2 = {p['sampling_50k_nfe2_flops'] / 1e15:.2f} PFLOP")
-        print("| A100 peak | utilisation | SFD NFE 2 (A100-hours) | paper (CIFAR-10) | 50k samples NFE 2 (s) |")
+        print("| A100 peak | utilisation | SFD NFE 2 (A100-hours) | paper (A100-hours) | 50k samples NFE 2 (s) |")
         print("|---|---|---|---|---|")
         for row in p["projections"]:
-            paper = f"{PAPER_SFD_NFE2_CIFAR10_A100_HOURS}" if m["config"] == "cifar10" else "–"
+            paper = PAPER_SFD_NFE2_A100_HOURS.get(m["config"], "–")
             print(f"| {row['peak']} | {row['utilisation']:.0%} | {row['sfd_nfe2_a100_hours']:.3f} | {paper} | "
                   f"{row['sampling_50k_nfe2_a100_seconds']:.1f} |")
 
@@ -163,15 +164,18 @@ def main() -> None:
         import torch
 
         threads = args.threads or torch.get_num_threads()
-        print(json.dumps(measure(args.child, args.batch, args.repeats, threads)))
+        config, mode = args.child.split(":")
+        print(json.dumps(measure(config, mode, args.batch, args.repeats, threads)))
         return
     utilisations = [float(u) for u in args.utilisation.split(",")]
     results = []
     for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--child", config, "--batch", str(args.batch), "--repeats",
-               str(args.repeats), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        m = json.loads(done.stdout.strip().splitlines()[-1])
+        m = {}
+        for mode in ("forward", "forward_backward"):
+            cmd = [sys.executable, __file__, "--child", f"{config}:{mode}", "--batch", str(args.batch), "--repeats",
+                   str(args.repeats), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            m.update(json.loads(done.stdout.strip().splitlines()[-1]))
         m["projection"] = sfd_projection(m, utilisations)
         results.append(m)
         print(f"measured {config}", file=sys.stderr)

@@ -167,3 +167,38 @@ def test_real_size_teacher_samples_8_images_at_nfe_2_through_the_cli(config, cac
     images = np.load(tmp_path / "grid.npz")["images"]
     assert images.shape == (8, 3, *(2 * [32 if suite == "cifar10" else 64])) and images.dtype == np.uint8
     assert "NFE 2" in capsys.readouterr().out
+
+
+def test_teacher_inspect_and_convert_then_run_from_the_safetensors(cache, tmp_path, monkeypatch, capsys):
+    pkl = write_edm_pickle(tmp_path / "t.pkl", tiny_net("EDMPrecond", TINY_CIFAR), "EDMPrecond", TINY_CIFAR)
+    assert cli(monkeypatch, "teacher", "inspect", str(pkl)) == 0
+    shown = capsys.readouterr().out
+    assert "SongUNet" in shown and "EDMPrecond" in shown and "edm-pickle" in shown
+    converted = tmp_path / "t.safetensors"
+    assert cli(monkeypatch, "teacher", "convert", str(pkl), str(converted)) == 0
+    capsys.readouterr()
+    assert cli(monkeypatch, "teacher", "inspect", str(converted)) == 0
+    assert "safetensors" in capsys.readouterr().out
+    from sfdbench.networks import load_teacher
+
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 3.0])
+    assert torch.equal(load_teacher(pkl)(x, sigma), load_teacher(converted)(x, sigma))
+    out = tmp_path / "results"
+    assert cli(monkeypatch, "run", "--suite", "cifar10", "--teacher", str(converted), "--methods", "ddim", "--nfe",
+               "2", "--samples", "4", "--out", str(out)) == 0
+    assert records(out, "cifar10")[0]["assets"]["teacher"]["sha256"] != records(out, "cifar10")[0]["teacher"]
+
+
+def test_a_hostile_teacher_is_refused_through_the_cli_before_anything_runs(cache, tmp_path, monkeypatch, capsys):
+    from edm_format import global_call, touch_command
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(global_call("os", "system", touch_command(marker)))
+    out = tmp_path / "results"
+    assert cli(monkeypatch, "run", "--suite", "cifar10", "--teacher", str(evil), "--methods", "ddim", "--nfe", "2",
+               "--samples", "4", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GLOBAL os.system" in err
+    assert cli(monkeypatch, "teacher", "inspect", str(evil)) == 2
+    assert not marker.exists() and not (out / "cifar10" / "records").exists()
