@@ -202,3 +202,31 @@ def test_a_hostile_teacher_is_refused_through_the_cli_before_anything_runs(cache
     assert len(err.splitlines()) == 1 and "GLOBAL os.system" in err
     assert cli(monkeypatch, "teacher", "inspect", str(evil)) == 2
     assert not marker.exists() and not (out / "cifar10" / "records").exists()
+
+
+def test_reference_images_give_prdc_kid_and_fd_dinov2(cache, tmp_path, monkeypatch):
+    """--reference-images: Inception features of the given images (PRDC, KID) and FD-DINOv2. The DINOv2
+    weights are a 2-block stand-in of ViT-L/14's width in Meta's layout (the full 24 blocks are 1.2 GB;
+    tests/test_real_metrics.py checks that layout on the meta device)."""
+    from standin_weights import write_standin_dinov2
+
+    from sfdbench.metrics import dinov2
+    from sfdbench.suites.paper import PaperSuite
+
+    weights = write_standin_dinov2(cache / "assets", depth=2, filename=assets.ASSETS["dinov2-vitl14"].filename)
+    thin = dataclasses.replace(dinov2.VITL14, depth=2)
+    monkeypatch.setattr(PaperSuite, "dinov2_space", lambda self: dinov2.dinov2_feature_space(weights, arch=thin))
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(12, 3, 4, 4, generator=g)
+    images = (torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear") * 255).to(torch.uint8)
+    np.savez(tmp_path / "train.npz", images=images.numpy())
+    teacher = write_edm_pickle(tmp_path / "t.pkl", tiny_net("EDMPrecond", TINY_CIFAR), "EDMPrecond", TINY_CIFAR)
+    out = tmp_path / "results"
+    assert cli(monkeypatch, "run", "--suite", "cifar10", "--teacher", str(teacher), "--reference-images",
+               str(tmp_path / "train.npz"), "--methods", "dpmpp3m", "--nfe", "2", "--samples", "8", "--out",
+               str(out)) == 0
+    (rec,) = records(out, "cifar10")
+    m = rec["metrics"]
+    assert all(0 <= m[k] <= 1 for k in ("precision", "recall", "coverage")) and m["density"] >= 0
+    assert np.isfinite(m["kid"]) and np.isfinite(m["fd_dinov2"]) and m["fd_dinov2"] > 0
+    assert "dinov2-vitl14" in rec["assets"] and "train.npz" in rec["metric_protocol"]["reference_set"]

@@ -206,14 +206,17 @@ class PaperSuite(Suite):
         from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
         from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
 
-        metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
-                                  prdc_samples=None, device=self.device)
-        if self.reference_images is None:
-            metrics["fd_dinov2"] = None
-            note = ("fd_dinov2 unavailable: no DINOv2 statistics of the training set are published for this suite; "
-                    "pass --reference-images with the dataset's images")
-            metrics["notes"] = "; ".join(filter(None, [metrics.get("notes"), note]))
+        if self.reference_images is None:  # EDM's statistics hold mu/sigma only: FID and nothing else
+            metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), ("fid",),
+                                      device=self.device)
+            others = [m for m in IMAGE_METRICS if m != "fid"]
+            metrics.update({m: None for m in [*others, "kid_std", "fd_dinov2"]})
+            metrics["notes"] = (f"{', '.join(others)} and fd_dinov2 unavailable: EDM's reference statistics hold "
+                                "only Inception mu/sigma and no DINOv2 statistics of the training set are published "
+                                "for this suite; pass --reference-images with the dataset's images")
             return metrics
+        metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
+                                  device=self.device)
         space = self.dinov2_space()
         reference = self._images_reference(space)
         features = space.features(images_u8, self.device)
