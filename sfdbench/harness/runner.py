@@ -173,6 +173,7 @@ def run(plan: RunPlan) -> list[Path]:
     validate(plan)
     suite = make_suite(plan)
     device = torch.device(plan.device)
+    suite.require_assets(teacher_given=plan.teacher is not None)  # every missing file named at once (exit 3)
     teacher = suite.load_teacher(plan.teacher, device)  # corrupt or mismatched weights fail here, before any write
     teacher_id = suite.teacher_id(plan.teacher)
     protocol = suite.metric_protocol()

@@ -1,4 +1,4 @@
-"""EDM's U-Nets and preconditioning wrappers, with EDM's parameter names (``docs/suites.md``, real suites).
+"""EDM's U-Nets and preconditioning wrappers, with EDM's parameter names (``docs/suites.md#paper-suites``).
 
 The real suites' teachers are the NVIDIA EDM checkpoints (Karras et al. 2022, "Elucidating the Design
 Space of Diffusion-Based Generative Models", arXiv 2206.00364):
@@ -271,6 +271,24 @@ def _run_decoder_block(block: nn.Module, x: torch.Tensor, skips: list[torch.Tens
 # U-Nets
 
 
+def _add_decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, width: int, skips: list[int],
+                       num_blocks: int, attention_blocks: set[int], block: dict) -> int:
+    """One decoder resolution of EDM's U-Nets, in execution order: at the lowest resolution the two
+    middle blocks ``in0`` (always with attention) and ``in1``, elsewhere the upsampling block ``up``;
+    then ``num_blocks + 1`` blocks that each take one encoder skip (popped from ``skips``) and output
+    ``width`` channels, with attention in the blocks numbered in ``attention_blocks``. Returns the
+    output width."""
+    if lowest:
+        dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+        dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+    for idx in range(num_blocks + 1):
+        cin, cout = cout + skips.pop(), width
+        dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=idx in attention_blocks, **block)
+    return cout
+
+
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ (Song et al. 2021, arXiv 2011.13456) as configured by EDM (Karras et al. 2022).
 
@@ -346,15 +364,9 @@ class SongUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attention = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **block)
+            # SongUNet: attention only in the last block of an attention resolution
+            cout = _add_decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult,
+                                      skips, num_blocks, {num_blocks} if res in attn_resolutions else set(), block)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
@@ -449,14 +461,10 @@ class DhariwalUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+            # ADM: attention in every block of an attention resolution
+            cout = _add_decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult,
+                                      skips, num_blocks, set(range(num_blocks + 1)) if res in attn_resolutions
+                                      else set(), block)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 

@@ -6,7 +6,7 @@ arXiv 2206.00364) ships its networks as plain pickles. Each network class pickle
 source text of the module that defined the class (``module_src``). EDM's own loader ``exec``s that
 source. This module never compiles or executes it: it only hashes it for logging.
 
-The format, as this module reads it (see also docs/suites.md, "Real suites"):
+The format, as this module reads it (see also ``docs/suites.md#paper-suites``):
 
 * the file is one pickle (protocol 4) of a dict ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}``;
   ``ema`` is the preconditioning wrapper (``EDMPrecond`` / ``VPPrecond`` / ``VEPrecond``) holding the

@@ -129,6 +129,11 @@ class Suite:
         """Compute the reference statistics from these images (``--reference-images``)."""
         raise BadInput(f"suite {self.name!r} has its own reference set; --reference-images is for the paper suites")
 
+    def require_assets(self, teacher_given: bool = False) -> None:
+        """Stop with ``MissingAsset`` (exit 3), naming every missing file at once, when a run cannot
+        have what it needs (``teacher_given``: ``--teacher`` replaces the downloaded teacher). The
+        embedded suites ship everything."""
+
     def asset_provenance(self, teacher=None) -> dict:
         """sha256 and origin of every downloaded file a record depends on (``teacher``: the
         ``--teacher`` path, if any); the embedded suites download nothing."""

@@ -101,7 +101,6 @@ class PaperSuite(Suite):
         channels and label count must be this suite's."""
         from sfdbench.networks.edm_pickle import load_teacher
 
-        self.require_assets(teacher_given=path is not None)
         file = self.teacher_file(path)
         teacher = load_teacher(file)
         shape = (int(teacher.img_channels), int(teacher.img_resolution), int(teacher.img_resolution))
@@ -128,9 +127,10 @@ class PaperSuite(Suite):
             missing[0].require(self.name)
         if missing:
             keys = " ".join(a.key for a in missing)
-            raise MissingAsset(f"suite {self.name!r} needs {len(missing)} missing files ({keys}): run "
-                               f"`sfdbench assets download {keys}` (or `sfdbench assets download --suite {self.name}`; "
-                               f"`sfdbench assets` lists each URL to fetch by hand into {cache_dir() / 'assets'})")
+            files = ", ".join(f"{a.key} = {a.filename} from {a.url}" for a in missing)
+            raise MissingAsset(f"suite {self.name!r} needs {len(missing)} missing files ({files}): run "
+                               f"`sfdbench assets download {keys}` (or `--suite {self.name}`), or fetch them by hand "
+                               f"into {cache_dir() / 'assets'}")
 
     def teacher_id(self, path=None) -> str:
         """The first 16 hex digits of the teacher file's sha256 (its content, not its name)."""
@@ -236,6 +236,8 @@ class PaperSuite(Suite):
             "image_conversion": "uint8(clip(127.5 x + 128, 0, 255)), truncating (EDM's generate.py)",
             "second_feature_space": "FD-DINOv2: DINOv2 ViT-L/14 CLS features (EDM2's preprocessing)"
             if self.reference_images is not None else "none (needs --reference-images)",
+            **({"labels": f"one-hot, uniform over {self.label_dim} classes, drawn from each sample's generator "
+                          "right after its latent (EDM's generate.py)"} if self.label_dim else {}),
         }
 
 
