@@ -124,10 +124,13 @@ class LoopSettings:
     fit_seed: int
     checkpoint_every: int
     precision: str = "fp32"
+    # stop once the fine-tuning FLOPs (teacher + student, as counted) reach this (the equal-budget rows)
+    budget_flops: float | None = None
 
     @classmethod
     def from_hyperparameters(cls, hp: dict) -> LoopSettings:
-        return cls(hp["iterations"], hp["batch"], hp["fit_seed"], hp["checkpoint_every"], hp.get("precision", "fp32"))
+        return cls(hp["iterations"], hp["batch"], hp["fit_seed"], hp["checkpoint_every"], hp.get("precision", "fp32"),
+                   hp.get("budget_flops"))
 
 
 def check_loop_settings(name: str, hp: dict, counts: tuple[str, ...]) -> None:
@@ -166,7 +169,9 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
                lr: Callable[[int], float], device: torch.device, latent_shape: tuple[int, ...], description: str,
                progress, step: Step, *,
                conditioning: Callable[[int, torch.Generator], dict] | None = None,
-               devices: int = 1) -> tuple[Accounting, dict]:
+               devices: int = 1, extra_state: dict[str, torch.nn.Module] | None = None,
+               student_flops_per_sample: int | None = None,
+               parameters: list[torch.nn.Parameter] | None = None) -> tuple[Accounting, dict]:
     """Run ``settings.iterations`` iterations of ``step``, resuming from ``workdir/checkpoint.pt``
     and writing it atomically every ``settings.checkpoint_every`` iterations.
 
@@ -177,36 +182,52 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
     ``lr(iteration)``. The teacher is wrapped to count its evaluations; the wall time (teacher
     work included) accumulates over resumed sessions. Precision: ``fp16-autocast`` falls back to
     fp32 for good after an iteration whose last loss was NaN (the SFD reference's rule). Returns
-    the accounting and the log."""
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr(0), betas=(0.9, 0.999), eps=1e-8)
+    the accounting and the log.
+
+    Options for other methods than SFD: ``extra_state`` (modules saved in and restored from the
+    checkpoint beside the student, e.g. an EMA target), ``parameters`` (what Adam optimises; default
+    all of the student's), ``student_flops_per_sample`` (FLOPs of one forward + backward of
+    ``student`` per sample when it is not a denoiser ``student(x, sigma, **cond)``, e.g. a small
+    predictor). ``settings.budget_flops`` stops the loop after the first iteration at which the
+    counted FLOPs reach the budget (``log["stopped_at_budget"]``). A step may return
+    ``"real_images"`` (training images it used) and the loop adds them up."""
+    optimizer = torch.optim.Adam(parameters if parameters is not None else student.parameters(), lr=lr(0),
+                                 betas=(0.9, 0.999), eps=1e-8)
     ckpt_path = workdir / "checkpoint.pt"
-    state = _load_checkpoint(ckpt_path, student, optimizer)
+    state = _load_checkpoint(ckpt_path, student, optimizer, extra_state)
     start_it, watch, log = state["iteration"], Stopwatch(state["wall_seconds"]), state["log"]
     log.setdefault("teacher_evaluations", 0)
     log.setdefault("student_evaluations", 0)
     one = _to_device(conditioning(1, torch.Generator().manual_seed(0)), device) if conditioning else {}
     flops = {"teacher_forward_per_sample": per_sample_flops(teacher, latent_shape, one, False, device),
-             "student_forward_backward_per_sample": per_sample_flops(student, latent_shape, one, True, device),
+             "student_forward_backward_per_sample": student_flops_per_sample if student_flops_per_sample is not None
+             else per_sample_flops(student, latent_shape, one, True, device),
              "counter": "torch.utils.flop_counter.FlopCounterMode (matmul + conv, multiply-add = 2)"}
     student_calls = EvaluationCounter(student)
     log.setdefault("precision", settings.precision)
     log.setdefault("fp16_fallback_iteration", None)
     log.setdefault("last_loss_nan", False)
+    log.setdefault("real_images", 0)
+    log["flops"] = flops
     shape = (settings.batch, *latent_shape)
     progress = progress or null_progress
     try:
         _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log,
-                 watch, ckpt_path, progress, description, student_calls)
+                 watch, ckpt_path, progress, description, student_calls, extra_state)
     finally:
         student_calls.remove()
-    log["flops"] = flops
-    total = (log["teacher_evaluations"] * flops["teacher_forward_per_sample"]
-             + log["student_evaluations"] * flops["student_forward_backward_per_sample"])
-    return Accounting(watch.seconds, device_name(device), devices, float(total)), log
+    return Accounting(watch.seconds, device_name(device), devices, float(counted_flops(log))), log
+
+
+def counted_flops(log: dict) -> float:
+    """Fine-tuning FLOPs so far: counted evaluations x the measured per-sample FLOPs."""
+    per = log["flops"]
+    return float(log["teacher_evaluations"] * per["teacher_forward_per_sample"]
+                 + log["student_evaluations"] * per["student_forward_backward_per_sample"])
 
 
 def _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log, watch,
-             ckpt_path, progress, description, student_calls) -> None:
+             ckpt_path, progress, description, student_calls, extra_state) -> None:
     with progress(description, settings.iterations) as advance:
         advance(start_it)
         for it in range(start_it, settings.iterations):
@@ -228,24 +249,31 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
             log["teacher_evaluations"] += counted.samples
             log["student_evaluations"] += student_calls.samples
             student_calls.samples = 0
+            log["real_images"] += int(out.get("real_images", 0))
             log["loss_last"] = out["losses"]
             advance(info=f"loss {out.get('shown_loss', sum(out['losses'])):.3f}")
+            if settings.budget_flops is not None and counted_flops(log) >= settings.budget_flops:
+                log["stopped_at_budget"] = {"iteration": it + 1, "flops": counted_flops(log),
+                                            "budget_flops": settings.budget_flops}
+                break
             if (it + 1) % settings.checkpoint_every == 0 and it + 1 < settings.iterations:
-                _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log)
+                _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log, extra_state)
 
 
 def _to_device(cond: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
 
-def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict) -> None:
+def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict,
+                     extra_state: dict | None = None) -> None:
     buf = io.BytesIO()
     torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "extra": {k: m.state_dict() for k, m in (extra_state or {}).items()},
                 "iteration": iteration, "wall_seconds": wall, "log": json.dumps(log)}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_checkpoint(path: Path, student, optimizer) -> dict:
+def _load_checkpoint(path: Path, student, optimizer, extra_state: dict | None = None) -> dict:
     fresh = {"iteration": 0, "wall_seconds": 0.0, "log": {"bad_gradients": 0, "nan_loss_iterations": 0}}
     if not path.is_file():
         return fresh
@@ -253,6 +281,8 @@ def _load_checkpoint(path: Path, student, optimizer) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code execution
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
+        for key, module in (extra_state or {}).items():
+            module.load_state_dict(state["extra"][key])
     except Exception as exc:
         raise BadInput(f"corrupt checkpoint {path} ({exc}); delete it to restart this fit") from exc
     return {"iteration": state["iteration"], "wall_seconds": state["wall_seconds"], "log": json.loads(state["log"])}
