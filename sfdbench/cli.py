@@ -118,6 +118,8 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
             teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's (paper suites: an "
                                                 "EDM .pkl or a .safetensors from `sfdbench teacher convert`)"),
+            budget: str | None = typer.Option(None, help="equal-budget rows: 'sfd' (each fine-tuning baseline stops at "
+                                              "the FLOPs SFD's fit used at the same NFE) or a number of FLOPs"),
             reference_images: Path | None = typer.Option(None, help="paper suites: the training set's images (a "
                                                          "folder of PNGs or an .npz of uint8) for precision/recall/"
                                                          "density/coverage, KID and FD-DINOv2"),
@@ -141,10 +143,19 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
                    seeds=_int_list(seeds, "--seeds") or list(s.default_seeds),
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
                    teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
-                   reference_images=reference_images, command=_command_line())
+                   reference_images=reference_images, budget=_budget(budget), command=_command_line())
     start = time.perf_counter()
     paths = run(plan)
     out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
+
+
+def _budget(text: str | None) -> str | float | None:
+    if text is None or text == "sfd":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInput(f"--budget must be 'sfd' or a number of FLOPs, got {text!r}") from None
 
 
 @app.command("table")
@@ -155,6 +166,9 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
               published: bool = typer.Option(True, help="show the paper's published rows beside measured ones"),
               ablation: str | None = typer.Option(None, help="render the table of `sfdbench ablate --knob "
                                                   "KNOB` from the records under --results instead"),
+              cost: bool = typer.Option(False, "--cost", help="the cost-to-quality table: FID and every compute "
+                                        "column of the fine-tuned rows, and their FLOPs as a multiple of SFD's at "
+                                        "equal or better FID"),
               nfe: str | None = typer.Option(None, help="with --ablation: comma-separated NFEs (default: all)"),
               set_: list[str] | None = typer.Option(None, "--set", help="with --ablation: the --set overrides "
                                                     "the ablation ran with")):
@@ -183,6 +197,14 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
 
     results = results or Path("results")
     records = load_records(results, s.name)
+    if cost:
+        from sfdbench.report.tables import COST_CAPTION, cost_table, render_cost
+
+        table = cost_table(records)
+        if table.empty:
+            raise BadInput(f"no fine-tuned {s.name} records under {results}; run a distillation method first")
+        print(render_cost(table, fmt, caption=f"{s.name}: {COST_CAPTION}"))
+        return
     print(render(suite_table(s.name, records, results, published), fmt, caption=table_caption(s.name, records)))
 
 
@@ -594,6 +616,49 @@ def _solver_fitted(method: str, nfe: int | None, suite, teacher, device):
     m.check_nfe(nfe, suite)
     return m.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=Path("."), device=torch.device(device),
                             progress=None))
+
+
+@app.command("gits-schedule")
+def gits_schedule_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench suites`)"),
+                      nfe: int = typer.Option(..., help="the NFE to search a schedule for"),
+                      teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's"),
+                      device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+                      set_: list[str] | None = typer.Option(None, "--set", help="gits.KEY=VALUE hyperparameter "
+                                                            "override (repeatable), e.g. --set gits.coeff=1.2")):
+    """Search the GITS time schedule for --nfe on a suite's teacher and print it (sigmas and grid
+    indices) with the search cost; writes nothing."""
+    import torch
+
+    from sfdbench.harness.runner import parse_overrides
+    from sfdbench.methods import get_method
+    from sfdbench.suites import get_suite
+
+    s = get_suite(suite)
+    overrides = parse_overrides(set_ or [])
+    if set(overrides) - {"gits"}:
+        raise BadInput(f"gits-schedule takes --set gits.KEY=VALUE only, got {', '.join(sorted(overrides))}")
+    if overrides:
+        s.method_options = {**s.method_options, "gits": {**s.method_options.get("gits", {}), **overrides["gits"]}}
+    method = get_method("gits")
+    method.check_nfe(nfe, s)
+    hp = method.hyperparameters(s, nfe)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise BadInput(f"--device {device!r}: {exc}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device!r}: CUDA is not available here; use --device cpu")
+    result = method.search(s, s.load_teacher(teacher, device=device), nfe, torch_device, hp=hp)
+    cost = result.accounting
+    afs = f" (AFS index {result.afs_index})" if result.afs_index is not None else ""
+    lines = [f"GITS schedule for {s.name} at NFE {nfe} ({method.display_name(hp)}; grid {hp['grid_steps']} "
+             f"{hp['schedule']} levels, {hp['metric']} cost, coeff {hp['coeff']:g})",
+             "sigmas:  " + ", ".join(f"{v:.4f}" for v in result.sigmas),
+             "indices: " + ", ".join(str(i) for i in result.indices) + afs,
+             f"search: {cost.wall_seconds:.2f} s on {cost.device} ({cost.device_hours:.2e} device-hours), "
+             f"{result.trajectories} teacher trajectories, {result.teacher_evaluations} teacher evaluations, "
+             f"{cost.flops:.3e} FLOPs"]
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("ablate")

@@ -90,6 +90,7 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
         if rec is None or rec.get("suite") != suite:
             continue
         ft = rec.get("fine_tuning") or {}
+        info = rec.get("fit_info") or {}
         rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
@@ -98,6 +99,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
                      **rec.get("metrics", {}),
                      "fine_tuning_hours": ft.get("device_hours", 0.0), "fine_tuning_flops": ft.get("flops"),
+                     "teacher_evaluations": info.get("teacher_evaluations"),
+                     "student_evaluations": info.get("student_evaluations"), "real_images": info.get("real_images"),
                      "device": ft.get("device"),
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})

@@ -35,6 +35,9 @@ class RunPlan:
     batch: int = 500
     method_overrides: dict = field(default_factory=dict)
     reference_images: Path | None = None  # the paper suites' --reference-images (PRDC, KID, FD-DINOv2)
+    # equal-budget rows: "sfd" (the FLOPs SFD's fit at the same NFE used) or a number of FLOPs; applies to
+    # every fine-tuning method of the grid that takes a budget (hyperparameter budget_flops)
+    budget: str | float | None = None
     command: str = ""  # the command line that made the plan, written into every record
 
     def entries(self, suite) -> list[tuple[str, int, float]]:
@@ -113,9 +116,41 @@ def validate(plan: RunPlan) -> None:
     for method, nfe, scale in plan.entries(suite):
         get_method(method).check_nfe(nfe, suite)
         get_method(method).check_suite(suite)
-        get_method(method).hyperparameters(suite, nfe)
+        hp = get_method(method).hyperparameters(suite, nfe)
         check_guidance(suite, scale)
+        if plan.budget is not None and "budget_flops" not in hp and method not in BUDGET_SOURCES:
+            raise BadInput(f"--budget: method {method!r} takes no compute budget (only fine-tuning baselines with a "
+                           "budget_flops hyperparameter do); run it without --budget")
+    if plan.budget is not None and plan.budget != "sfd":
+        if isinstance(plan.budget, bool) or not isinstance(plan.budget, int | float) or not plan.budget > 0:
+            raise BadInput(f"--budget must be 'sfd' or a positive number of FLOPs, got {plan.budget!r}")
     check_writable(plan.out)
+
+
+# methods whose own fit sets the equal budget; they run unchanged under --budget
+BUDGET_SOURCES = ("sfd",)
+
+
+def fit_workdir(plan: RunPlan, suite, method, nfe: int, hp: dict, teacher_id: str) -> Path:
+    fit_hash = config_hash({"suite": suite.name, "method": method.name, "nfe": nfe, "hyperparameters": hp,
+                            "teacher": teacher_id})
+    return Path(plan.out) / suite.name / "fits" / f"{method.name}-nfe{nfe}-{fit_hash}"
+
+
+def budget_flops(plan: RunPlan, suite, teacher, teacher_id: str, nfe: int, device) -> float:
+    """The FLOP budget of an equal-budget row: a number given with --budget, or the fine-tuning FLOPs
+    of SFD's fit at the same NFE on this suite and teacher (fitted here if not done yet, in the
+    same fit folder a plain SFD run uses)."""
+    if plan.budget != "sfd":
+        return float(plan.budget)
+    sfd = get_method("sfd")
+    hp = sfd.hyperparameters(suite, nfe)
+    fitted = sfd.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, device=device, progress=progress_bar,
+                                workdir=fit_workdir(plan, suite, sfd, nfe, hp, teacher_id), teacher_id=teacher_id))
+    flops = (fitted.fine_tuning or {}).get("flops")
+    if not flops:
+        raise BadInput(f"SFD's fit at NFE {nfe} recorded no FLOPs (an older fit); rerun it with --force")
+    return float(flops)
 
 
 def check_guidance(suite, scale: float) -> None:
@@ -168,6 +203,13 @@ def guided_display(display: str, scale: float) -> str:
         f"{display} (unconditional)"
 
 
+def budget_display(display: str, hp: dict, budget) -> str:
+    if hp.get("budget_flops") is None:
+        return display
+    source = "SFD's budget at this NFE" if budget == "sfd" else "budget"
+    return f"{display} ({source}: {hp['budget_flops']:.3g} FLOPs)"
+
+
 def run(plan: RunPlan) -> list[Path]:
     """Execute ``plan``; returns the record paths (written or already present)."""
     validate(plan)
@@ -182,6 +224,11 @@ def run(plan: RunPlan) -> list[Path]:
     for method_name, nfe, scale in plan.entries(suite):
         method = get_method(method_name)
         hp = method.hyperparameters(suite, nfe)
+        if plan.budget is not None and "budget_flops" in hp:
+            hp["budget_flops"] = budget_flops(plan, suite, teacher, teacher_id, nfe, device)
+            suite.method_options = {**suite.method_options,
+                                    method.name: {**suite.method_options.get(method.name, {}),
+                                                  "budget_flops": hp["budget_flops"]}}
         base = {"suite": suite.name, "method": method.name, "nfe": nfe, "hyperparameters": hp,
                 "teacher": teacher_id, "n_samples": plan.samples, "metric_protocol": protocol,
                 "schema_version": SCHEMA_VERSION}
@@ -198,8 +245,8 @@ def run(plan: RunPlan) -> list[Path]:
                 todo.append((seed, chash, path))
         if not todo:
             continue
-        fit_hash = config_hash({k: base[k] for k in ("suite", "method", "nfe", "hyperparameters", "teacher")})
-        workdir = Path(plan.out) / suite.name / "fits" / f"{method.name}-nfe{nfe}-{fit_hash}"
+        workdir = fit_workdir(plan, suite, method, nfe, hp, teacher_id)
+        fit_hash = workdir.name.rsplit("-", 1)[-1]
         fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
                                        progress=progress_bar, teacher_id=teacher_id))
         tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
@@ -217,7 +264,8 @@ def run(plan: RunPlan) -> list[Path]:
             metrics = suite.evaluate(images, cond)
             record = {
                 **base, "seed": seed, "config_hash": chash,
-                "display": guided_display(method.display_name(hp), scale), "group": method.group,
+                "display": budget_display(guided_display(method.display_name(hp), scale), hp, plan.budget),
+                "group": method.group,
                 "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
                 "guidance": guidance_record(scale), "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,

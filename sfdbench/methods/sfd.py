@@ -220,7 +220,7 @@ INFO_KEYS = ("bad_gradients", "nan_loss_iterations", "includes_teacher_trajector
              "teacher_evaluations", "device", "devices", "precision", "fp16_fallback_iteration")
 # written by SFD-v (the N drawn) and the second stage (its first stage and the cost split) only
 OPTIONAL_INFO_KEYS = ("num_steps_drawn", "first_stage_model", "fine_tuning_first_stage", "fine_tuning_second_stage",
-                      "teacher_trajectories_first_stage")
+                      "teacher_trajectories_first_stage", "student_evaluations", "real_images", "stopped_at_budget")
 
 
 def sampling_at(s: dict, nfe: int | None, path: Path) -> dict:

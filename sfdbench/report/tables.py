@@ -14,7 +14,8 @@ from sfdbench.errors import BadInput
 FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
 EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
-                 "class_match": "Class match", "fd_dinov2": "FD-DINOv2"}
+                 "class_match": "Class match", "fd_dinov2": "FD-DINOv2", "fid_heldout": "FID (held-out)",
+                 "memorisation": "Memo."}
 COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
            "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance",
            "fine_tuning_flops"]
@@ -226,3 +227,86 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_cell(caption)}}}", r"\label{tab:sfdbench}",
               r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost to quality (`sfdbench table --cost`)
+
+COST_COLUMNS = ["group", "method", "display", "nfe", "fid_mean", "fid_std", "seeds", "fine_tuning_hours",
+                "fine_tuning_flops", "teacher_evaluations", "student_evaluations", "real_images", "sfd_match",
+                "flops_ratio_to_sfd"]
+SFD_FAMILY = ("sfd",)
+
+
+def cost_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuned configuration (method, NFE, variant): FID reached and every compute column, and
+    the ratio of its FLOPs to SFD's at equal or better FID: the cheapest first-stage SFD row (any
+    NFE, same results folder) whose mean FID is at most this row's; "PD needs x N SFD's compute to
+    match its FID". Rows SFD does not match get no ratio (and say so)."""
+    if records.empty:
+        return pd.DataFrame(columns=COST_COLUMNS)
+    records = records.copy()
+    if "variant" not in records:
+        records["variant"] = ""
+    records["display"] = variant_displays(records) + below_protocol_notes(records)
+    tuned = records[records["group"] == "distillation"]
+    if tuned.empty:
+        return pd.DataFrame(columns=COST_COLUMNS)
+    numeric = ["fine_tuning_hours", "fine_tuning_flops", "teacher_evaluations", "student_evaluations", "real_images"]
+    for col in numeric:
+        if col not in tuned:
+            tuned = tuned.assign(**{col: float("nan")})
+    table = tuned.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(
+        fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "nunique"),
+        **{c: (c, "mean") for c in numeric}).reset_index()
+    sfd = table[table["method"].isin(SFD_FAMILY) & table["fine_tuning_flops"].notna()]
+    matches, ratios = [], []
+    for _, row in table.iterrows():
+        better = sfd[sfd["fid_mean"] <= row["fid_mean"]]
+        if row["method"] in SFD_FAMILY or better.empty or pd.isna(row["fine_tuning_flops"]):
+            matches.append("–" if row["method"] in SFD_FAMILY else "SFD does not reach this FID here")
+            ratios.append(float("nan"))
+            continue
+        cheapest = better.loc[better["fine_tuning_flops"].idxmin()]
+        matches.append(f"SFD NFE {int(cheapest['nfe'])} (FID {cheapest['fid_mean']:.2f})")
+        ratios.append(row["fine_tuning_flops"] / cheapest["fine_tuning_flops"])
+    table["sfd_match"], table["flops_ratio_to_sfd"] = matches, ratios
+    return table.reindex(columns=COST_COLUMNS)
+
+
+def render_cost(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return table.to_csv(index=False)
+
+    def number(v, spec):
+        return "–" if pd.isna(v) else format(v, spec)
+
+    view = pd.DataFrame({
+        "Method": table["display"].astype(str), "NFE": table["nfe"].astype(int),
+        "FID": [number(m, ".2f") + ("" if pd.isna(s) else f" ± {s:.2f}") for m, s in zip(table["fid_mean"],
+                                                                                          table["fid_std"])],
+        "Device-h": [number(v, ".3g") for v in table["fine_tuning_hours"]],
+        "FLOPs": [number(v, ".3g") for v in table["fine_tuning_flops"]],
+        "Teacher evals": [number(v, ".3g") for v in table["teacher_evaluations"]],
+        "Student evals": [number(v, ".3g") for v in table["student_evaluations"]],
+        "Real images": [number(v, ".3g") for v in table["real_images"]],
+        "SFD at ≤ this FID": table["sfd_match"].astype(str),
+        "× SFD's FLOPs": [number(v, ".1f") for v in table["flops_ratio_to_sfd"]],
+    })
+    if fmt == "markdown":
+        return view.to_markdown(index=False) + (f"\n\n{caption}" if caption else "")
+    cols = list(view.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{lr" + "r" * (len(cols) - 4) + "lr}",
+             r"\toprule", " & ".join(latex_cell(c) for c in cols) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_cell(v) for v in row.astype(str)) + r" \\" for _, row in view.iterrows()]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_cell(caption)}}}", r"\label{tab:sfdbench-cost}",
+              r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+COST_CAPTION = ("Fine-tuning compute to quality. FLOPs: torch's flop counter per sample (teacher forward; student "
+                "forward + backward) x counted evaluations, teacher trajectories included; device-hours = wall x "
+                "devices. The ratio divides a row's FLOPs by those of the cheapest first-stage SFD fit in the same "
+                "results whose FID is at most the row's.")

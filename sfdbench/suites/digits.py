@@ -34,6 +34,7 @@ COND_TEACHER_WEIGHTS = WEIGHTS_DIR / "digits-cond-teacher.safetensors"
 FEATURE_WEIGHTS = WEIGHTS_DIR / "digits-features.safetensors"
 DIGITS_KID_SUBSETS = 20  # torch-fidelity's 100 subsets cost ~3.7 s per record on 2 cores; 20 keep KID's std small
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+MEMORISATION_PERCENTILE = 5.0
 
 
 # The paper fine-tunes a 56M-parameter CIFAR-10 model for 1563 iterations at lr 5e-5; the
@@ -143,13 +144,29 @@ class DigitsSuite(Suite):
         return reference_statistics(self.feature_space(), "sklearn-digits-train-split0-1500",
                                     lambda: to_uint8(load_digits("train")[0]))
 
+    def heldout_reference(self):
+        from sfdbench.metrics.reference import reference_statistics
+
+        return reference_statistics(self.feature_space(), "sklearn-digits-test-split0-297",
+                                    lambda: to_uint8(load_digits("test")[0]))
+
     def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict[str, float]:
         """fid, kid (+ kid_std, kid_subset_size), precision, recall, density, coverage of uint8 samples
-        against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``."""
+        against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``; and, for
+        methods that train on those digits, ``fid_heldout`` (FID against the 297 held-out digits) and
+        ``memorisation`` (``sfdbench.metrics.memorisation``: the fraction of samples closer in pixels
+        to a training digit than the 5th percentile of train-to-train nearest-neighbour distances)."""
         from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
+        from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
+        from sfdbench.metrics.memorisation import memorisation_fraction
 
-        return compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
-                               kid_subsets=DIGITS_KID_SUBSETS)
+        metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
+                                  kid_subsets=DIGITS_KID_SUBSETS)
+        features = self.feature_space().features(images_u8)
+        metrics["fid_heldout"] = fid_from_statistics(fid_statistics(features), self.heldout_reference().fid_stats())
+        metrics["memorisation"] = memorisation_fraction(images_u8.float() / 127.5 - 1.0, load_digits("train")[0],
+                                                        MEMORISATION_PERCENTILE)
+        return metrics
 
     def metric_protocol(self) -> dict:
         from sfdbench.metrics.evaluate import protocol
@@ -159,6 +176,9 @@ class DigitsSuite(Suite):
                        kid_subsets=DIGITS_KID_SUBSETS,
                        n_reference=len(load_digits("train")[0])),
             "reference_set": "digits train split (1500 images; all of them also serve as PRDC/KID reference)",
+            "fid_heldout": "FID on the same features against the 297 held-out digits (never seen by any network)",
+            "memorisation": f"fraction of samples whose nearest train digit (pixel L2, [-1, 1]) is closer than the "
+                            f"{MEMORISATION_PERCENTILE:g}th percentile of train-to-train nearest-neighbour distances",
         }
 
 
