@@ -128,7 +128,8 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             guidance: str | None = typer.Option(None, help="comma-separated classifier-free guidance scales for "
                                                 "every entry (conditional suites; 1 = none, 2 network calls per "
                                                 "guided step); default: the grid's"),
-            grid: str = typer.Option("default", help="default | full (every method at every listed NFE)"),
+            grid: str = typer.Option("default", help="default | full (every method at every listed NFE) | a suite's "
+                                     "named grid (`sfdbench suites`)"),
             set_: list[str] | None = typer.Option(None, "--set", help="METHOD.KEY=VALUE hyperparameter override "
                                                       "(repeatable), e.g. --set sfd.iterations=200")):
     """Fit -> sample -> evaluate a grid of (method, NFE, seed); one JSON record each."""
@@ -305,12 +306,18 @@ def suites_cmd():
 
     from sfdbench.suites import get_suite, suite_names
 
-    table = Table("suite", "latent", "default grid", "description")
+    table = Table("suite", "latent", "default grid", "other grids (--grid)", "description")
+
+    def show(grid) -> str:
+        return "; ".join(f"{e.method} {','.join(map(str, e.nfes))}" + (f" (w={e.guidance:g})" if e.guidance else "")
+                         for e in grid)
+
     for name in suite_names():
         s = get_suite(name)
-        grid = "; ".join(f"{e.method} {','.join(map(str, e.nfes))}" + (f" (w={e.guidance:g})" if e.guidance else "")
-                         for e in s.default_grid)
-        table.add_row(name, "x".join(map(str, s.latent_shape)), grid, s.description)
+        others = ["full"] if s.full_grid else []
+        others += [f"{key}: {show(grid)}" for key, grid in s.extra_grids.items()]
+        table.add_row(name, "x".join(map(str, s.latent_shape)), show(s.default_grid), "\n".join(others),
+                      s.description)
     out.print(table)
 
 
@@ -602,20 +609,29 @@ def sample_cmd(model: Path | None = typer.Option(None, help="a distilled model.s
 
 
 def _solver_fitted(method: str, nfe: int | None, suite, teacher, device):
-    """A training-free method's sampler of ``teacher`` (``sfdbench sample --method``)."""
+    """A solver-group method's sampler of ``teacher`` (``sfdbench sample --method``). Methods that fit
+    something first (a GITS search, an AMED predictor) fit in a temporary folder that is discarded."""
+    import tempfile
+
     import torch
 
     from sfdbench.methods import FitContext, get_method
 
     m = get_method(method)
-    if m.group != "solver" or getattr(m, "solver", None) is None:
-        raise BadInput(f"--method {method!r} needs fine-tuning; run it with `sfdbench run` and sample its model file "
-                       "with --model")
+    if m.group != "solver":
+        raise BadInput(f"--method {method!r} fine-tunes the network; run it with `sfdbench run` and sample its model "
+                       "file with --model")
     if nfe is None:
         raise BadInput("--method needs --nfe")
     m.check_nfe(nfe, suite)
-    return m.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=Path("."), device=torch.device(device),
-                            progress=None))
+    workdir = Path(tempfile.mkdtemp(prefix="sfdbench-sample-"))
+    try:
+        return m.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=torch.device(device),
+                                progress=None))
+    finally:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @app.command("gits-schedule")
@@ -623,42 +639,42 @@ def gits_schedule_cmd(suite: str = typer.Option("digits", help="suite name (see 
                       nfe: int = typer.Option(..., help="the NFE to search a schedule for"),
                       teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's"),
                       device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-                      set_: list[str] | None = typer.Option(None, "--set", help="gits.KEY=VALUE hyperparameter "
-                                                            "override (repeatable), e.g. --set gits.coeff=1.2")):
-    """Search the GITS time schedule for --nfe on a suite's teacher and print it (sigmas and grid
-    indices) with the search cost; writes nothing."""
+                      set_: list[str] | None = typer.Option(None, "--set", help="gits.KEY=VALUE (or "
+                                                            "gits-ddim.KEY=VALUE) hyperparameter override "
+                                                            "(repeatable)")):
+    """Search and print GITS's time schedule (Chen et al., ICML 2024) for one NFE: the sigmas, their
+    indices on the fine grid and the search cost. Writes nothing."""
     import torch
 
+    from sfdbench.harness.progress import progress_bar
     from sfdbench.harness.runner import parse_overrides
     from sfdbench.methods import get_method
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
     overrides = parse_overrides(set_ or [])
-    if set(overrides) - {"gits"}:
-        raise BadInput(f"gits-schedule takes --set gits.KEY=VALUE only, got {', '.join(sorted(overrides))}")
-    if overrides:
-        s.method_options = {**s.method_options, "gits": {**s.method_options.get("gits", {}), **overrides["gits"]}}
-    method = get_method("gits")
+    other = sorted(set(overrides) - {"gits", "gits-ddim"})
+    if other:
+        raise BadInput(f"gits-schedule takes --set gits.KEY=VALUE only, got a setting of {other[0]}")
+    name = "gits-ddim" if "gits-ddim" in overrides else "gits"
+    s.method_options = {**s.method_options, name: {**s.method_options.get(name, {}), **overrides.get(name, {})}}
+    method = get_method(name)
     method.check_nfe(nfe, s)
     hp = method.hyperparameters(s, nfe)
     try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise BadInput(f"--device {device!r}: {exc}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device!r}: CUDA is not available here; use --device cpu")
-    result = method.search(s, s.load_teacher(teacher, device=device), nfe, torch_device, hp=hp)
-    cost = result.accounting
-    afs = f" (AFS index {result.afs_index})" if result.afs_index is not None else ""
-    lines = [f"GITS schedule for {s.name} at NFE {nfe} ({method.display_name(hp)}; grid {hp['grid_steps']} "
-             f"{hp['schedule']} levels, {hp['metric']} cost, coeff {hp['coeff']:g})",
-             "sigmas:  " + ", ".join(f"{v:.4f}" for v in result.sigmas),
-             "indices: " + ", ".join(str(i) for i in result.indices) + afs,
-             f"search: {cost.wall_seconds:.2f} s on {cost.device} ({cost.device_hours:.2e} device-hours), "
-             f"{result.trajectories} teacher trajectories, {result.teacher_evaluations} teacher evaluations, "
-             f"{cost.flops:.3e} FLOPs"]
-    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, ValueError) as exc:
+        raise BadInput(f"--device {device!r} is not usable here ({exc})") from None
+    result = method.search(s, s.load_teacher(teacher, dev), nfe, dev, progress=progress_bar, hp=hp)
+    acc = result.accounting
+    out.print(f"GITS schedule for {s.name} at NFE {nfe} ({method.display_name(hp)}; grid {hp['grid_steps']} "
+              f"{hp['schedule']} levels, {hp['metric']} cost, coeff {hp['coeff']:g})", highlight=False)
+    out.print("sigmas:  " + ", ".join(f"{v:.4f}" for v in result.sigmas), highlight=False)
+    out.print("indices: " + ", ".join(str(i) for i in result.indices), highlight=False)
+    out.print(f"search: {acc.wall_seconds:.2f} s on {acc.device} ({acc.device_hours:.2e} device-hours), "
+              f"{result.trajectories} teacher trajectories, {result.teacher_evaluations} teacher evaluations, "
+              f"{acc.flops:.3e} FLOPs", highlight=False, soft_wrap=True)
 
 
 @app.command("ablate")

@@ -94,6 +94,7 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
         rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
+                     "nfe_parallel": rec.get("nfe_parallel"),  # sequential rounds (EPD-Solver); None for others
                      "guidance": guidance_scale(rec),
                      "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},

@@ -51,7 +51,7 @@ def _row(df, method, nfe):
 
 def test_cifar10_numbers_as_published():
     cifar = load_published("cifar10")
-    assert len(cifar) == 26 and list(cifar.columns) == COLUMNS
+    assert len(cifar) == 28 and list(cifar.columns) == COLUMNS
     assert set(cifar["group"]) == {"solver", "distillation"}
     ddim = _row(cifar, "ddim", 10)
     assert ddim["fid"] == 15.69 and ddim["training_hours"] == 0 and ddim["fid_qualifier"] == ""

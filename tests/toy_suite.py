@@ -118,7 +118,12 @@ class ToyLatentSuite(Suite):
             method_options={"sfd": {"iterations": 2, "batch": 4, "checkpoint_every": 1, "schedule": "discrete",
                                     "rho": 1.0, "sigma_min": 0.1},
                             "sfd-v": {"iterations": 2}, "sfd-stage2": {"iterations": 2},
-                            "ddim": {"schedule": "discrete", "rho": 1.0}})
+                            "ddim": {"schedule": "discrete", "rho": 1.0},
+                            **{m: {"iterations": 2, "batch": 4} for m in ("amed", "amed-plugin", "amed-plugin-dpmpp",
+                                                                          "epd")},
+                            **{m: {"num_warmup": 8, "warmup_batch": 8} for m in ("gits", "gits-ddim")},
+                            **{m: {"iterations": 2, "batch": 4, "checkpoint_every": 1, "data": "teacher-samples",
+                                   "teacher_pool": 8} for m in ("cd", "ect")}})
 
     def decode(self, latents):
         return decode(latents)

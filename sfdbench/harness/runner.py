@@ -50,9 +50,11 @@ def default_grid(suite_name: str, methods: list[str] | None, nfes: list[int] | N
     """The suite's grid (``which`` = default | full), filtered by ``methods``; ``nfes`` replaces each
     method's NFE list and ``guidance`` each entry's guidance scales."""
     suite = get_suite(suite_name)
-    if which not in ("default", "full"):
-        raise BadInput(f"--grid must be default or full, got {which!r}")
-    grid = (suite.full_grid or suite.default_grid) if which == "full" else suite.default_grid
+    names = ("default", "full", *suite.extra_grids)
+    if which not in names:
+        raise BadInput(f"--grid must be one of {', '.join(names)} for suite {suite.name!r}, got {which!r}")
+    grid = ((suite.full_grid or suite.default_grid) if which == "full" else suite.default_grid if which == "default"
+            else suite.extra_grids[which])
     entries: dict[str, list[tuple[tuple[int, ...], float | None]]] = {}
     for e in grid:
         entries.setdefault(e.method, []).append((e.nfes, e.guidance))
@@ -118,6 +120,9 @@ def validate(plan: RunPlan) -> None:
         get_method(method).check_suite(suite)
         hp = get_method(method).hyperparameters(suite, nfe)
         check_guidance(suite, scale)
+        if scale != 1.0 and getattr(get_method(method), "guided", False):
+            raise BadInput(f"{method} distils guidance into the network (its scale is the hyperparameter "
+                           f"{method}.guidance); run it with --guidance 1 and --set {method}.guidance=W")
         if plan.budget is not None and "budget_flops" not in hp and method not in BUDGET_SOURCES:
             raise BadInput(f"--budget: method {method!r} takes no compute budget (only fine-tuning baselines with a "
                            "budget_flops hyperparameter do); run it without --budget")
@@ -267,6 +272,8 @@ def run(plan: RunPlan) -> list[Path]:
                 "display": budget_display(guided_display(method.display_name(hp), scale), hp, plan.budget),
                 "group": method.group,
                 "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
+                # sequential rounds of calls, for methods whose calls per step run in parallel (EPD-Solver)
+                **({"nfe_parallel": fitted.info["parallel_nfe"]} if "parallel_nfe" in (fitted.info or {}) else {}),
                 "guidance": guidance_record(scale), "metrics": metrics,
                 "fine_tuning": fitted.fine_tuning,
                 "fit_info": fitted.info,

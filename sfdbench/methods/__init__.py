@@ -17,7 +17,7 @@ def register_method(method: Method) -> Method:
 
 def _load_all() -> None:
     # One import per method module; importing registers.
-    from sfdbench.methods import sfd, sfd_stage2, sfd_v, solvers  # noqa: F401
+    from sfdbench.methods import amed, consistency, epd, gits, pd, sfd, sfd_stage2, sfd_v, solvers  # noqa: F401
 
 
 def all_methods() -> list[Method]:

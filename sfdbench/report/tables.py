@@ -31,7 +31,7 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     records = records.copy()
     if "variant" not in records:
         records["variant"] = ""
-    records["display"] = variant_displays(records) + below_protocol_notes(records)
+    records["display"] = variant_displays(records) + parallel_notes(records) + below_protocol_notes(records)
     if "guidance" not in records:
         records["guidance"] = 1.0
     aggs = {"guidance": ("guidance", "first"), "fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"),
@@ -44,6 +44,15 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     table = records.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(**aggs).reset_index()
     table["source"], table["fid_qualifier"], table["hours_qualifier"] = "measured", "", ""
     return combine(table.reindex(columns=COLUMNS), pd.DataFrame(columns=COLUMNS))
+
+
+def parallel_notes(records: pd.DataFrame) -> pd.Series:
+    """`` (3 parallel rounds)`` for records of methods whose network calls per step run in parallel
+    (EPD-Solver's ``nfe_parallel``: the papers' NFE, sequential rounds of calls); the NFE column
+    stays the counted calls, by which rows sort. Empty for every other record."""
+    values = records["nfe_parallel"] if "nfe_parallel" in records else pd.Series(None, index=records.index)
+    return pd.Series([f" ({int(v)} parallel rounds)" if v is not None and not pd.isna(v) else "" for v in values],
+                     index=records.index, dtype=object)
 
 
 def below_protocol_notes(records: pd.DataFrame) -> pd.Series:
@@ -248,7 +257,7 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     records = records.copy()
     if "variant" not in records:
         records["variant"] = ""
-    records["display"] = variant_displays(records) + below_protocol_notes(records)
+    records["display"] = variant_displays(records) + parallel_notes(records) + below_protocol_notes(records)
     tuned = records[records["group"] == "distillation"]
     if tuned.empty:
         return pd.DataFrame(columns=COST_COLUMNS)

@@ -50,6 +50,8 @@ class Suite:
     guidance: float = 1.0
     # a larger grid than the default (`sfdbench run --grid full`); empty = the default grid
     full_grid: tuple[GridEntry, ...] = ()
+    # further named grids (`sfdbench run --grid NAME`), e.g. opt-in baselines too slow for the default
+    extra_grids: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- latent space, conditioning
 

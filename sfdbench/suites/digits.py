@@ -44,11 +44,52 @@ MEMORISATION_PERCENTILE = 5.0
 # ~10% of per-NFE SFD after 250 iterations.
 DIGITS_METHOD_OPTIONS = {"sfd": {"iterations": 100, "batch": 128, "lr": 5e-4, "checkpoint_every": 25},
                          "sfd-v": {"iterations": 250}, "sfd-stage2": {"iterations": 500}}
+# The baselines at digits scale (docs/methods.md, "Baselines on digits"): AMED and GITS keep their CIFAR-10
+# recipes (79 iterations at batch 128; 61-point grid, 256 warm-up trajectories). EPD: polynomial rho = 7 (its
+# time-uniform default is poor with 3-4 points on digits: DPM-Solver-2 FID 90 vs 15) and lr 0.05 (5e-3 barely
+# moves its logits), chosen from its identity runs and training loss, not from FID. PD: 64 starting steps, 300
+# iterations per halving round at lr 2e-4. CD / ECT: 2,000 iterations at batch 128, L2 distance for CD (LPIPS is
+# not available offline), ECT with dropout; lr 5e-4 / 2e-4.
+BASELINE_OPTIONS = {
+    "epd": {"schedule": "polynomial", "rho": 7.0, "lr": 0.05},
+    "pd": {"start_steps": 64, "iterations": 300, "batch": 128, "lr": 2e-4, "checkpoint_every": 50},
+    "cd": {"iterations": 2000, "batch": 128, "lr": 5e-4, "warmup_fraction": 0.024, "ema_halflife_fraction": 0.05,
+           "distance": "l2", "dropout": "off", "checkpoint_every": 100},
+    "ect": {"iterations": 2000, "batch": 128, "lr": 2e-4, "warmup_fraction": 0.024, "ema_halflife_fraction": 0.05,
+            "dropout": "on", "checkpoint_every": 100},
+}
+GUIDED_PD_OPTIONS = {**BASELINE_OPTIONS["pd"], "guidance_range": [1.0, 2.0], "guidance": 1.25}
 DIGITS_DEFAULT_GRID = (
     GridEntry("heun", (36,)),
     GridEntry("ddim", (3, 5, 10)),
     GridEntry("dpmpp3m", (2, 3, 5, 10)),
     GridEntry("sfd", (2, 3)),
+    # the learned / searched solvers (AMED-Plugin odd NFEs with AFS; EPD: K = 2 directions, NFE 5 and 8 are 3 and
+    # 5 parallel rounds, 8 counted calls being the paper's "NFE 5")
+    GridEntry("amed-plugin", (3, 5, 7, 9)),
+    GridEntry("gits", (4, 5, 6, 8, 10)),
+    GridEntry("epd", (5, 8)),
+)
+# the base solvers of the learned ones at the same NFEs (`--grid learned`)
+LEARNED_GRID = (
+    GridEntry("ipndm", (3, 4, 5, 6, 7, 8, 9, 10)),
+    GridEntry("dpmpp3m", (3, 4, 5, 6, 7, 8, 9, 10)),
+    GridEntry("dpm2", (4, 8, 10)),
+    GridEntry("amed", (3, 5, 7, 9)),
+    GridEntry("amed-plugin", (3, 5, 7, 9)),
+    GridEntry("gits", (4, 5, 6, 8, 10)),
+    GridEntry("gits-ddim", (5, 10)),
+    GridEntry("epd", (5, 8)),
+    GridEntry("sfd", (2, 3, 4, 5)),
+    GridEntry("sfd-v", (2, 3, 4, 5)),
+)
+# the distillation baselines' recipe rows (`--grid distillation`; add `--budget sfd` for the equal-budget rows)
+DISTILLATION_GRID = (
+    GridEntry("sfd", (1, 2, 4)),
+    GridEntry("sfd-v", (2, 4)),
+    GridEntry("pd", (1, 2, 4)),
+    GridEntry("cd", (1, 2, 4)),
+    GridEntry("ect", (1, 2, 4)),
 )
 DIGITS_FULL_GRID = (
     GridEntry("heun", (4, 10, 36)),
@@ -87,8 +128,9 @@ class DigitsSuite(Suite):
             full_grid=DIGITS_FULL_GRID,
             default_seeds=(0, 1, 2),
             default_samples=1000,
-            method_options={k: dict(v) for k, v in DIGITS_METHOD_OPTIONS.items()},
+            method_options={k: dict(v) for k, v in {**DIGITS_METHOD_OPTIONS, **BASELINE_OPTIONS}.items()},
             check_grid=CHECK_GRID,
+            extra_grids={"learned": LEARNED_GRID, "distillation": DISTILLATION_GRID},
         )
         super().__init__(**{**settings, **overrides})
 
@@ -206,8 +248,12 @@ class DigitsCondSuite(DigitsSuite):
             full_grid=(),
             check_grid=(GridEntry("dpmpp3m", (5,)), GridEntry("sfd", (2,)),
                         GridEntry("sfd", (2,), guidance=GUIDED_SCALE)),
+            # guided distillation (one network call per step at w = 1.25) against SFD guided (two)
+            extra_grids={"distillation": (GridEntry("sfd", (1, 2, 4), guidance=GUIDED_SCALE),
+                                          GridEntry("guided-pd", (1, 2, 4)))},
         )
         super().__init__(**{**settings, **overrides})
+        self.method_options["guided-pd"] = dict(GUIDED_PD_OPTIONS)
 
     def conditioning(self, generator: torch.Generator, index: int) -> dict:
         label = torch.randint(NUM_CLASSES, (), generator=generator)

@@ -44,6 +44,8 @@ def paper_grid(teacher_nfe: int) -> tuple[GridEntry, ...]:
         GridEntry("ipndm", SOLVER_NFES),
         GridEntry("unipc", SOLVER_NFES),
         GridEntry("deis", SOLVER_NFES),
+        GridEntry("amed-plugin", SOLVER_NFES),  # the paper's AMED-Plugin / GITS rows (Tables 2, 3)
+        GridEntry("gits", SOLVER_NFES),
         GridEntry("sfd", (2, 3, 4, 5)),
         GridEntry("sfd-v", (2, 3, 4, 5)),
         GridEntry("sfd-stage2", (1,)),
