@@ -262,7 +262,7 @@ def test_fit_writes_a_model_that_loads_and_samples_with_its_accounting(tmp_path)
     assert ft["flops"] == pytest.approx(fit["teacher_evaluations"] * per["teacher_forward_per_sample"]
                                         + fit["student_evaluations"] * per["per_predictor_call"])
     assert per["teacher_backward_to_input_per_sample"] > 0
-    assert fit["predictor_parameters"] == 1291  # 2x2 bottleneck: 4 features, three heads
+    assert fit["predictor_parameters"] == 8971  # 8x8 bottleneck: 64 features, three heads (the paper's count)
     loaded = load_model(path, suite, teacher, "cpu")
     assert loaded.nfe == 5 and loaded.fine_tuning == ft
     assert loaded.info["teacher_evaluations"] == fit["teacher_evaluations"]

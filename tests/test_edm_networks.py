@@ -324,8 +324,11 @@ def test_step_condition_on_edm_teachers(net):
     step_params = [*student.model.step_map.parameters(), *student.model.step_proj.parameters()]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step_params)
 
-    assert bottleneck_module(teacher) is teacher.model.dec["4x4_in1"]
-    assert bottleneck_module(student) is student.model.net.dec["4x4_in1"]
+    # AMED's hook: the last encoder block at the lowest resolution (EDM's enc['8x8_block3'] on CIFAR-10)
+    last = [k for k in teacher.model.enc if "_block" in k][-1]
+    assert last.startswith("4x4_block")
+    assert bottleneck_module(teacher) is teacher.model.enc[last]
+    assert bottleneck_module(student) is student.model.net.enc[last]
 
 
 def test_step_modules_use_the_architecture_init():

@@ -248,7 +248,8 @@ class DigitsUNetAdapter(ArchitectureAdapter):
     """``sfdbench.networks.digits_unet.DigitsUNet``: the step embedding mirrors its noise embedding
     (``model_channels`` features, SongUNet's ``endpoint`` convention, MLP to ``emb_dim``); every
     residual block takes the projection at the input of ``norm1`` (its second GroupNorm), right
-    after the noise-embedding projection was added; the bottleneck is the last middle block.
+    after the noise-embedding projection was added; the bottleneck is the last encoder block at the
+    top (8x8) level.
 
     Init: the new modules are drawn under ``seed`` in the order the network's own constructor
     would have drawn them had they been built into it (each block's projection after the block's
@@ -268,7 +269,9 @@ class DigitsUNetAdapter(ArchitectureAdapter):
         return [(f"{name}.norm1", block.emb.out_features) for name, block in self._blocks(net)]
 
     def bottleneck(self, net) -> str:
-        return f"mid.{len(net.mid) - 1}"
+        # the last encoder block at the top (8x8) resolution: its channel mean is the 64-d input AMED's predictor
+        # was designed for (the reference reads EDM's last 8x8 encoder block on CIFAR-10)
+        return f"down.{net.config['blocks'] - 1}"
 
     def create_step_modules(self, net, seed):
         layout = self.step_embedding(net)
@@ -297,8 +300,9 @@ class DigitsUNetAdapter(ArchitectureAdapter):
 
 class _EDMUNetAdapter(ArchitectureAdapter):
     """Shared by SongUNet and DhariwalUNet: every ``UNetBlock`` (encoder and decoder, in order) gets a
-    projection; the step MLP mirrors the noise-embedding MLP; the bottleneck is the output of the
-    middle block ``dec.{lowest}x{lowest}_in1``. The new modules are drawn under ``seed`` (projections in
+    projection; the step MLP mirrors the noise-embedding MLP; the bottleneck (AMED's input) is the
+    output of the last encoder block, ``enc.{lowest}x{lowest}_block{num_blocks - 1}``, as AMED's reference
+    reads it. The new modules are drawn under ``seed`` (projections in
     block order, then the MLP) with the architecture's own init (``init_linear``)."""
 
     site = "norm1"
@@ -312,8 +316,10 @@ class _EDMUNetAdapter(ArchitectureAdapter):
         return [(f"{name}.{self.site}", block.out_channels) for name, block in self._blocks(net)]
 
     def bottleneck(self, net) -> str:
-        middle = [key for key in net.dec if key.endswith("_in1")]
-        return f"dec.{middle[0]}"
+        # AMED's hook (Zhou et al., CVPR 2024; the reference reads EDM's enc['8x8_block3'] on CIFAR-10 and
+        # enc['8x8_block2'] on ImageNet-64): the last encoder block, at the lowest resolution
+        blocks = [key for key in net.enc if "_block" in key]
+        return f"enc.{blocks[-1]}"
 
     def init_linear(self, linear: nn.Linear) -> None:
         raise NotImplementedError

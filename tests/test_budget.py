@@ -1,0 +1,51 @@
+"""Equal-budget rows (`run --budget sfd`) and the cost table (`table --cost`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from sfdbench.cli import main
+
+TINY = ["--set", "sfd.iterations=2", "--set", "sfd.batch=4", "--set", "sfd.checkpoint_every=1",
+        "--set", "pd.start_steps=8", "--set", "pd.iterations=50", "--set", "pd.batch=4",
+        "--set", "pd.checkpoint_every=5"]
+
+
+def cli(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["sfdbench", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_pd_at_sfds_budget_spends_sfds_flops_and_the_cost_table_compares(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    base = ["run", "--suite", "digits", "--nfe", "2", "--seeds", "0", "--samples", "8", "--out", str(out), *TINY]
+    assert cli(monkeypatch, *base, "--methods", "sfd") == 0
+    assert cli(monkeypatch, *base, "--methods", "pd", "--budget", "sfd") == 0
+    recs = {r["method"]: r for r in (json.loads(p.read_text()) for p in (out / "digits" / "records").glob("*.json"))}
+    sfd, pd = recs["sfd"], recs["pd"]
+    budget = sfd["fine_tuning"]["flops"]
+    assert pd["hyperparameters"]["budget_flops"] == budget
+    assert "SFD's budget at this NFE" in pd["display"]
+    # PD stops within one iteration of the budget (50 iterations per round would cost far more)
+    assert 0.5 * budget <= pd["fine_tuning"]["flops"] <= 1.5 * budget
+    capsys.readouterr()
+    assert cli(monkeypatch, "table", "--suite", "digits", "--cost", "--results", str(out), "--format", "csv") == 0
+    table = capsys.readouterr().out
+    assert "flops_ratio_to_sfd" in table.splitlines()[0] and "pd" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "sfd-v", "--nfe", "2", "--budget", "sfd"], "takes no compute budget"),
+    (["--methods", "pd", "--nfe", "2", "--budget", "lots"], "--budget must be"),
+    (["--methods", "pd", "--nfe", "2", "--budget", "-5"], "--budget must be"),
+])
+def test_bad_budget_is_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    assert cli(monkeypatch, "run", "--suite", "digits", "--out", str(tmp_path / "r"), *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "r").exists()
