@@ -49,3 +49,19 @@ def test_bad_budget_is_one_line_exit_2(args, message, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "r").exists()
+
+
+def test_consistency_methods_fit_their_schedule_into_the_budget():
+    """The equal-budget protocol picks the iteration count (warm-up, EMA and ECT's stages scale with
+    it) instead of cutting the recipe's long schedule short."""
+    from types import SimpleNamespace
+
+    from sfdbench.methods import get_method
+
+    ect = get_method("ect")
+    hp = {"budget_flops": 12_000.0, "batch": 4, "iterations": 2000}
+    ctx = SimpleNamespace(teacher=None, suite=None, device="cpu")
+    scaled = ect.iterations_within_budget(hp, ctx, {}, student_flops=3)
+    assert scaled["iterations"] == 1000 and scaled["iterations_recipe"] == 2000
+    assert ect.iterations_within_budget({**hp, "budget_flops": None}, ctx, {}, 3) == {**hp, "budget_flops": None}
+    assert ect.iterations_within_budget({**hp, "budget_flops": 1e12}, ctx, {}, 3)["iterations"] == 2000

@@ -445,6 +445,21 @@ class ConsistencyMethod(Method):
     def target_decay(self, hp: dict) -> float:
         raise NotImplementedError
 
+    # teacher forwards per training sample (CD: one Heun step = 2; ECT: none)
+    teacher_calls_per_sample = 0
+
+    def iterations_within_budget(self, hp: dict, ctx: FitContext, one: dict, student_flops: int) -> dict:
+        """With ``budget_flops``: the iteration count that fits the budget, set *before* training, so
+        that warm-up, EMA half-life and ECT's stages scale with it (the equal-budget protocol picks
+        the count, it does not cut a long schedule short); the loop's budget stop stays as a guard."""
+        if hp["budget_flops"] is None:
+            return hp
+        teacher = (per_sample_flops(ctx.teacher, ctx.suite.latent_shape, one, False, torch.device(ctx.device))
+                   if self.teacher_calls_per_sample else 0)
+        per_iteration = hp["batch"] * (student_flops + self.teacher_calls_per_sample * teacher)
+        fitting = max(1, int(hp["budget_flops"] // per_iteration))
+        return {**hp, "iterations": min(hp["iterations"], fitting), "iterations_recipe": hp["iterations"]}
+
     def train(self, workdir: Path, ctx: FitContext, hp: dict) -> None:
         """Fine-tune the suite's student, checkpointed and resumable; write the evaluation-EMA
         weights as ``model.safetensors`` and ``fit.json``."""
@@ -457,11 +472,12 @@ class ConsistencyMethod(Method):
         target.train(hp["dropout"] == "on")
         ema = suite.make_student(ctx.teacher).to(device).requires_grad_(False).eval()
         ema.load_state_dict(student.state_dict())
-        mu, beta = self.target_decay(hp), halflife_beta(hp["ema_halflife_fraction"], hp["iterations"])
-        data = TrainingData(suite, hp, device)
         one = _to(suite.training_conditioning(1, torch.Generator().manual_seed(0)), device)
         fwd_bwd = per_sample_flops(student, suite.latent_shape, one, True, device)
         fwd = per_sample_flops(student, suite.latent_shape, one, False, device)
+        hp = self.iterations_within_budget(hp, ctx, one, fwd_bwd + fwd)
+        mu, beta = self.target_decay(hp), halflife_beta(hp["ema_halflife_fraction"], hp["iterations"])
+        data = TrainingData(suite, hp, device)
 
         def step(model, latents, cond, optimizer, counted_teacher, fp16, it):
             x0, dcond, real = data.batch(latents.shape[0], counted_teacher)
@@ -507,6 +523,8 @@ class CDMethod(ConsistencyMethod):
     ``consistency_models_cifar10``): N = 18, mu = 0, LPIPS (L2 where LPIPS cannot run), lr 4e-4
     with warm-up over 10M of 409.6M images, batch 512, 800k iterations, evaluation EMA 0.9999
     (half-life 0.87 % of the run). Suites scale length, batch and lr (``method_options``)."""
+
+    teacher_calls_per_sample = 2
 
     def default_hyperparameters(self, suite, nfe: int) -> dict:
         lpips, why = lpips_loss()
