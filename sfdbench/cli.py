@@ -118,8 +118,9 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
             teacher: Path | None = typer.Option(None, help="teacher weights instead of the suite's (paper suites: an "
                                                 "EDM .pkl or a .safetensors from `sfdbench teacher convert`)"),
-            budget: str | None = typer.Option(None, help="equal-budget rows: 'sfd' (each fine-tuning baseline stops at "
-                                              "the FLOPs SFD's fit used at the same NFE) or a number of FLOPs"),
+            budget: str | None = typer.Option(None, help="equal-budget rows: 'sfd' (each fine-tuning baseline gets "
+                                              "the FLOPs SFD's fit used at the same NFE), 'sfd*F' (F times that) or a "
+                                              "number of FLOPs; comma-separated for several (FID against compute)"),
             reference_images: Path | None = typer.Option(None, help="paper suites: the training set's images (a "
                                                          "folder of PNGs or an .npz of uint8) for precision/recall/"
                                                          "density/coverage, KID and FD-DINOv2"),
@@ -150,13 +151,14 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
     out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
 
 
-def _budget(text: str | None) -> str | float | None:
-    if text is None or text == "sfd":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise BadInput(f"--budget must be 'sfd' or a number of FLOPs, got {text!r}") from None
+def _budget(text: str | None) -> list[str] | None:
+    """``--budget``: comma-separated specs, each sfd, sfd*FACTOR or a number of FLOPs (checked by the runner)."""
+    if text is None:
+        return None
+    specs = [t.strip() for t in text.split(",")]
+    if not all(specs):
+        raise BadInput(f"--budget must be comma-separated budgets (sfd, sfd*0.5, 2e12), got {text!r}")
+    return specs
 
 
 @app.command("table")

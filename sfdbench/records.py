@@ -101,7 +101,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      **rec.get("metrics", {}),
                      "fine_tuning_hours": ft.get("device_hours", 0.0), "fine_tuning_flops": ft.get("flops"),
                      "teacher_evaluations": info.get("teacher_evaluations"),
-                     "student_evaluations": info.get("student_evaluations"), "real_images": info.get("real_images"),
+                     "student_evaluations": info.get("student_evaluations"),
+                     "real_images": info.get("real_images", info.get("real_images_used")),
                      "device": ft.get("device"),
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})

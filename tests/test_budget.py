@@ -40,7 +40,7 @@ def test_pd_at_sfds_budget_spends_sfds_flops_and_the_cost_table_compares(tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "sfd-v", "--nfe", "2", "--budget", "sfd"], "takes no compute budget"),
+    (["--methods", "heun", "--nfe", "2", "--budget", "sfd"], "takes no compute budget"),
     (["--methods", "pd", "--nfe", "2", "--budget", "lots"], "--budget must be"),
     (["--methods", "pd", "--nfe", "2", "--budget", "-5"], "--budget must be"),
 ])

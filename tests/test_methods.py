@@ -8,7 +8,6 @@ from sfdbench.errors import BadInput
 from sfdbench.methods import FitContext, all_methods, get_method
 from sfdbench.suites.digits import DigitsCondSuite, DigitsSuite
 
-
 TINY_FITS = {"sfd": {"iterations": 2, "batch": 4, "checkpoint_every": 1},
              **{m: {"iterations": 1, "batch": 2} for m in ("amed", "amed-plugin", "amed-plugin-dpmpp", "epd")},
              **{m: {"num_warmup": 4, "warmup_batch": 4} for m in ("gits", "gits-ddim")},

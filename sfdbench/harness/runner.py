@@ -35,9 +35,15 @@ class RunPlan:
     batch: int = 500
     method_overrides: dict = field(default_factory=dict)
     reference_images: Path | None = None  # the paper suites' --reference-images (PRDC, KID, FD-DINOv2)
-    # equal-budget rows: "sfd" (the FLOPs SFD's fit at the same NFE used) or a number of FLOPs; applies to
-    # every fine-tuning method of the grid that takes a budget (hyperparameter budget_flops)
-    budget: str | float | None = None
+    # equal-budget rows: budget specs, each "sfd" (the FLOPs SFD's fit at the same NFE used), "sfd*F" (F times
+    # that) or a number of FLOPs; every fine-tuning method of the grid that takes a budget (hyperparameter
+    # budget_flops) runs once per spec (several specs: FID against compute); None = the methods' recipes
+    budget: list | str | float | None = None
+
+    def budgets(self) -> list:
+        if self.budget is None:
+            return []
+        return list(self.budget) if isinstance(self.budget, list | tuple) else [self.budget]
     command: str = ""  # the command line that made the plan, written into every record
 
     def entries(self, suite) -> list[tuple[str, int, float]]:
@@ -126,14 +132,13 @@ def validate(plan: RunPlan) -> None:
         if plan.budget is not None and "budget_flops" not in hp and method not in BUDGET_SOURCES:
             raise BadInput(f"--budget: method {method!r} takes no compute budget (only fine-tuning baselines with a "
                            "budget_flops hyperparameter do); run it without --budget")
-    if plan.budget is not None and plan.budget != "sfd":
-        if isinstance(plan.budget, bool) or not isinstance(plan.budget, int | float) or not plan.budget > 0:
-            raise BadInput(f"--budget must be 'sfd' or a positive number of FLOPs, got {plan.budget!r}")
+    for spec in plan.budgets():
+        budget_factor(spec)  # bad specs fail here
     check_writable(plan.out)
 
 
-# methods whose own fit sets the equal budget; they run unchanged under --budget
-BUDGET_SOURCES = ("sfd",)
+# the SFD family: the reference the equal budget is taken from; they run unchanged under --budget
+BUDGET_SOURCES = ("sfd", "sfd-v", "sfd-stage2")
 
 
 def fit_workdir(plan: RunPlan, suite, method, nfe: int, hp: dict, teacher_id: str) -> Path:
@@ -142,12 +147,26 @@ def fit_workdir(plan: RunPlan, suite, method, nfe: int, hp: dict, teacher_id: st
     return Path(plan.out) / suite.name / "fits" / f"{method.name}-nfe{nfe}-{fit_hash}"
 
 
-def budget_flops(plan: RunPlan, suite, teacher, teacher_id: str, nfe: int, device) -> float:
-    """The FLOP budget of an equal-budget row: a number given with --budget, or the fine-tuning FLOPs
-    of SFD's fit at the same NFE on this suite and teacher (fitted here if not done yet, in the
-    same fit folder a plain SFD run uses)."""
-    if plan.budget != "sfd":
-        return float(plan.budget)
+def budget_factor(spec) -> tuple[float, bool]:
+    """(value, relative): ``"sfd"`` -> (1, True), ``"sfd*0.5"`` -> (0.5, True), ``2e12`` -> (2e12, False)."""
+    text = str(spec).strip()
+    relative = text == "sfd" or text.startswith("sfd*")
+    try:
+        value = 1.0 if text == "sfd" else float(text[4:] if relative else text)
+    except ValueError:
+        value = float("nan")
+    if isinstance(spec, bool) or not math.isfinite(value) or value <= 0:
+        raise BadInput(f"--budget must be 'sfd', 'sfd*FACTOR' or a positive number of FLOPs, got {spec!r}")
+    return value, relative
+
+
+def budget_flops(plan: RunPlan, suite, teacher, teacher_id: str, nfe: int, device, spec="sfd") -> float:
+    """The FLOP budget of an equal-budget row: a number given with --budget, or (``sfd``, ``sfd*F``)
+    F x the fine-tuning FLOPs of SFD's fit at the same NFE on this suite and teacher (fitted here if
+    not done yet, in the same fit folder a plain SFD run uses)."""
+    value, relative = budget_factor(spec)
+    if not relative:
+        return value
     sfd = get_method("sfd")
     hp = sfd.hyperparameters(suite, nfe)
     fitted = sfd.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, device=device, progress=progress_bar,
@@ -155,7 +174,7 @@ def budget_flops(plan: RunPlan, suite, teacher, teacher_id: str, nfe: int, devic
     flops = (fitted.fine_tuning or {}).get("flops")
     if not flops:
         raise BadInput(f"SFD's fit at NFE {nfe} recorded no FLOPs (an older fit); rerun it with --force")
-    return float(flops)
+    return value * float(flops)
 
 
 def check_guidance(suite, scale: float) -> None:
@@ -208,10 +227,12 @@ def guided_display(display: str, scale: float) -> str:
         f"{display} (unconditional)"
 
 
-def budget_display(display: str, hp: dict, budget) -> str:
-    if hp.get("budget_flops") is None:
+def budget_display(display: str, hp: dict, spec) -> str:
+    if hp.get("budget_flops") is None or spec is None:
         return display
-    source = "SFD's budget at this NFE" if budget == "sfd" else "budget"
+    value, relative = budget_factor(spec)
+    source = ("SFD's budget at this NFE" if value == 1.0 else f"{value:g} x SFD's budget at this NFE") if relative \
+        else "budget"
     return f"{display} ({source}: {hp['budget_flops']:.3g} FLOPs)"
 
 
@@ -228,68 +249,79 @@ def run(plan: RunPlan) -> list[Path]:
     written: list[Path] = []
     for method_name, nfe, scale in plan.entries(suite):
         method = get_method(method_name)
-        hp = method.hyperparameters(suite, nfe)
-        if plan.budget is not None and "budget_flops" in hp:
-            hp["budget_flops"] = budget_flops(plan, suite, teacher, teacher_id, nfe, device)
-            suite.method_options = {**suite.method_options,
-                                    method.name: {**suite.method_options.get(method.name, {}),
-                                                  "budget_flops": hp["budget_flops"]}}
-        base = {"suite": suite.name, "method": method.name, "nfe": nfe, "hyperparameters": hp,
-                "teacher": teacher_id, "n_samples": plan.samples, "metric_protocol": protocol,
-                "schema_version": SCHEMA_VERSION}
-        if scale != 1.0:  # unguided configurations keep the hash they always had
-            base["guidance"] = scale
-        todo = []
-        for seed in plan.seeds:
-            chash = config_hash({**base, "seed": seed})
-            path = record_path(plan.out, suite.name, method.name, nfe, seed, chash)
-            if path.exists() and not plan.force:
-                console.print(f"[dim]skip {method.name} NFE {nfe} seed {seed}: {path} exists (use --force)[/dim]")
-                written.append(path)
-            else:
-                todo.append((seed, chash, path))
-        if not todo:
-            continue
-        workdir = fit_workdir(plan, suite, method, nfe, hp, teacher_id)
-        fit_hash = workdir.name.rsplit("-", 1)[-1]
-        fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
-                                       progress=progress_bar, teacher_id=teacher_id))
-        tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
-        grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" / f"{tag}.png", device,
-                                      scale)
-        per_call = guidance_record(scale)["network_evaluations_per_call"]
-        for seed, chash, path in todo:
-            started = now()
-            with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:
-                images, cond, stats = generate(fitted, suite, seed, plan.samples, plan.batch, device, scale, advance)
-            if abs(stats["sampler_nfe"] - nfe) > 1e-9 or abs(stats["nfe_counted"] - nfe * per_call) > 1e-9:
-                raise RuntimeError(f"{method.name} declared NFE {nfe} (x{per_call} network calls with guidance "
-                                   f"{scale:g}) but the sampler called the denoiser {stats['sampler_nfe']} times "
-                                   f"and the network {stats['nfe_counted']} times per sample")
-            metrics = suite.evaluate(images, cond)
-            record = {
-                **base, "seed": seed, "config_hash": chash,
-                "display": budget_display(guided_display(method.display_name(hp), scale), hp, plan.budget),
-                "group": method.group,
-                "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
-                # sequential rounds of calls, for methods whose calls per step run in parallel (EPD-Solver)
-                **({"nfe_parallel": fitted.info["parallel_nfe"]} if "parallel_nfe" in (fitted.info or {}) else {}),
-                "guidance": guidance_record(scale), "metrics": metrics,
-                "fine_tuning": fitted.fine_tuning,
-                "fit_info": fitted.info,
-                "sampling": {"n_samples": plan.samples,
-                             "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
-                             "conditioning": "drawn from each sample's generator after its latent"
-                             if cond else "none",
-                             "batch": plan.batch, "seconds": stats["sampling_seconds"],
-                             "images_per_second": stats["images_per_second"], "device": str(device)},
-                "sample_grid": str(grid_path),
-                **({"assets": assets} if assets else {}),
-                **({"suite_settings_sources": suite.provenance} if getattr(suite, "provenance", None) else {}),
-                "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
-                "command": plan.command,
-            }
-            write_record(path, record)
+        takes_budget = "budget_flops" in method.hyperparameters(suite, nfe)
+        for spec in (plan.budgets() if takes_budget and plan.budgets() else [None]):
+            if spec is not None:
+                value = budget_flops(plan, suite, teacher, teacher_id, nfe, device, spec)
+                suite.method_options = {**suite.method_options,
+                                        method.name: {**suite.method_options.get(method.name, {}),
+                                                      "budget_flops": value}}
+            written += _run_entry(plan, suite, teacher, teacher_id, protocol, assets, method, nfe, scale, spec,
+                                  device)
+    return written
+
+
+def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, assets: dict, method, nfe: int,
+               scale: float, spec, device) -> list[Path]:
+    """One (method, NFE, guidance[, budget]) of the grid: fit once, then one record per seed."""
+    written: list[Path] = []
+    hp = method.hyperparameters(suite, nfe)
+    base = {"suite": suite.name, "method": method.name, "nfe": nfe, "hyperparameters": hp,
+            "teacher": teacher_id, "n_samples": plan.samples, "metric_protocol": protocol,
+            "schema_version": SCHEMA_VERSION}
+    if scale != 1.0:  # unguided configurations keep the hash they always had
+        base["guidance"] = scale
+    todo = []
+    for seed in plan.seeds:
+        chash = config_hash({**base, "seed": seed})
+        path = record_path(plan.out, suite.name, method.name, nfe, seed, chash)
+        if path.exists() and not plan.force:
+            console.print(f"[dim]skip {method.name} NFE {nfe} seed {seed}: {path} exists (use --force)[/dim]")
             written.append(path)
-            console.print(f"{record['display']} NFE {nfe} seed {seed}: FID {metrics['fid']:.3f}")
+        else:
+            todo.append((seed, chash, path))
+    if not todo:
+        return written
+    workdir = fit_workdir(plan, suite, method, nfe, hp, teacher_id)
+    fit_hash = workdir.name.rsplit("-", 1)[-1]
+    fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
+                                   progress=progress_bar, teacher_id=teacher_id))
+    tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
+    grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" / f"{tag}.png", device,
+                                  scale)
+    per_call = guidance_record(scale)["network_evaluations_per_call"]
+    for seed, chash, path in todo:
+        started = now()
+        with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:
+            images, cond, stats = generate(fitted, suite, seed, plan.samples, plan.batch, device, scale, advance)
+        if abs(stats["sampler_nfe"] - nfe) > 1e-9 or abs(stats["nfe_counted"] - nfe * per_call) > 1e-9:
+            raise RuntimeError(f"{method.name} declared NFE {nfe} (x{per_call} network calls with guidance "
+                               f"{scale:g}) but the sampler called the denoiser {stats['sampler_nfe']} times "
+                               f"and the network {stats['nfe_counted']} times per sample")
+        metrics = suite.evaluate(images, cond)
+        record = {
+            **base, "seed": seed, "config_hash": chash,
+            "display": budget_display(guided_display(method.display_name(hp), scale), hp, spec),
+            "group": method.group,
+            "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
+            # sequential rounds of calls, for methods whose calls per step run in parallel (EPD-Solver)
+            **({"nfe_parallel": fitted.info["parallel_nfe"]} if "parallel_nfe" in (fitted.info or {}) else {}),
+            "guidance": guidance_record(scale), "metrics": metrics,
+            "fine_tuning": fitted.fine_tuning,
+            "fit_info": fitted.info,
+            "sampling": {"n_samples": plan.samples,
+                         "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
+                         "conditioning": "drawn from each sample's generator after its latent"
+                         if cond else "none",
+                         "batch": plan.batch, "seconds": stats["sampling_seconds"],
+                         "images_per_second": stats["images_per_second"], "device": str(device)},
+            "sample_grid": str(grid_path),
+            **({"assets": assets} if assets else {}),
+            **({"suite_settings_sources": suite.provenance} if getattr(suite, "provenance", None) else {}),
+            "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
+            "command": plan.command,
+        }
+        write_record(path, record)
+        written.append(path)
+        console.print(f"{record['display']} NFE {nfe} seed {seed}: FID {metrics['fid']:.3f}")
     return written

@@ -25,7 +25,8 @@ def time_shift(hours: pd.Series) -> float:
 def fid_vs_finetuning(table: pd.DataFrame, title: str):
     """Figure: x = fine-tuning device-hours + shift (log), y = FID; one marker per method,
     filled = measured (with seed std), hollow = published, NFE next to each point, the
-    solver-based and distillation regions shaded."""
+    solver-based and distillation regions shaded; rows of one method and NFE at several compute
+    budgets joined by a dashed line (FID against compute)."""
     table = table.dropna(subset=["fid_mean"]).copy()
     table["fine_tuning_hours"] = table["fine_tuning_hours"].fillna(0.0).astype(float)
     shift = time_shift(table["fine_tuning_hours"])
@@ -56,6 +57,13 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
             for _, r in rows.iterrows():
                 ax.annotate(str(int(r["nfe"])), (r["x"], r["fid_mean"]), textcoords="offset points",
                             xytext=(5, 3), fontsize=7, color=color)
+    # FID against compute: one method at one NFE measured at several budgets (`run --budget sfd*0.5,sfd,sfd*2`)
+    # or with several training lengths is joined by a dashed line, cheapest first
+    measured = table[table["source"] == "measured"]
+    for _key, part in measured.groupby(["method", "nfe"], sort=False):
+        if part["x"].nunique() > 1:
+            part = part.sort_values("x")
+            ax.plot(part["x"], part["fid_mean"], ls="--", lw=0.8, color="#777777", zorder=2)
     ax.set_xscale("log")
     if table["fid_mean"].max() / max(table["fid_mean"].min(), 1e-9) > 30:
         ax.set_yscale("log")

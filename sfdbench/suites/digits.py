@@ -195,9 +195,10 @@ class DigitsSuite(Suite):
     def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict[str, float]:
         """fid, kid (+ kid_std, kid_subset_size), precision, recall, density, coverage of uint8 samples
         against the 1500 train digits, through ``sfdbench.metrics.evaluate.compute_metrics``; and, for
-        methods that train on those digits, ``fid_heldout`` (FID against the 297 held-out digits) and
-        ``memorisation`` (``sfdbench.metrics.memorisation``: the fraction of samples closer in pixels
-        to a training digit than the 5th percentile of train-to-train nearest-neighbour distances)."""
+        every record (they matter for methods that train on those digits), ``fid_heldout`` (FID against
+        the 297 held-out digits) and ``memorisation`` (``sfdbench.metrics.memorisation``: the fraction of
+        samples closer in pixels to a training digit than the 5th percentile of train-to-train
+        nearest-neighbour distances)."""
         from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
         from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
         from sfdbench.metrics.memorisation import memorisation_fraction
