@@ -300,7 +300,7 @@ class EPDMethod(Method):
     AMED code base's Adam lr 5e-3. The reference initialises the logits from a standard normal;
     the default here is a deterministic spread of the K points (``init``)."""
 
-    group: str = "distillation"
+    group: str = "solver"  # a learned solver: the network stays frozen (as AMED and GITS)
     directions: int = 2
     base: str = "euler"
     schedule: str = "time_uniform"
