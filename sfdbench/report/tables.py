@@ -21,6 +21,16 @@ COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std",
            "fine_tuning_flops"]
 
 
+def named_rows(records: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``records`` with a ``variant`` column and each row's table name: the display name,
+    what sets its configuration apart, its parallel rounds and a below-protocol note."""
+    records = records.copy()
+    if "variant" not in records:
+        records["variant"] = ""
+    records["display"] = variant_displays(records) + parallel_notes(records) + below_protocol_notes(records)
+    return records
+
+
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
     """Measured rows: one per configuration (method, NFE and everything else but the seed: the
     records' ``variant``) with metric means, FID std (ddof=1) and seed count. Where one (method,
@@ -28,10 +38,7 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     its own row, its name followed by what sets it apart, e.g. ``SFD [M=1]``."""
     if records.empty:
         return pd.DataFrame(columns=COLUMNS)
-    records = records.copy()
-    if "variant" not in records:
-        records["variant"] = ""
-    records["display"] = variant_displays(records) + parallel_notes(records) + below_protocol_notes(records)
+    records = named_rows(records)
     if "guidance" not in records:
         records["guidance"] = 1.0
     aggs = {"guidance": ("guidance", "first"), "fid_mean": ("fid", "mean"), "fid_std": ("fid", "std"),
@@ -254,10 +261,7 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     match its FID". Rows SFD does not match get no ratio (and say so)."""
     if records.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
-    records = records.copy()
-    if "variant" not in records:
-        records["variant"] = ""
-    records["display"] = variant_displays(records) + parallel_notes(records) + below_protocol_notes(records)
+    records = named_rows(records)
     tuned = records[records["group"] == "distillation"]
     if tuned.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
