@@ -146,6 +146,21 @@ class Suite:
         against the suite's reference set."""
         raise NotImplementedError
 
+    # Streaming evaluation: the sampler hands each decoded batch to ``summarize`` and keeps only what
+    # it returns (per-sample rows, e.g. feature vectors), never the images; ``evaluate_summaries`` turns
+    # all rows (concatenated in sample order, gathered from every process) into the metrics. The
+    # default keeps the images themselves and calls ``evaluate``: right for small embedded suites.
+    # Large suites override both, so host memory holds features (kilobytes per sample), not images.
+
+    def summarize(self, images_u8: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        """Per-sample rows [B, ...] of one batch of uint8 samples and their conditioning (batched)."""
+        return {"images": images_u8, **{f"cond.{k}": v for k, v in cond.items()}}
+
+    def evaluate_summaries(self, rows: dict[str, torch.Tensor]) -> dict:
+        """The metrics of every sample from its rows (``summarize``'s keys, concatenated along dim 0)."""
+        cond = {k[len("cond."):]: v for k, v in rows.items() if k.startswith("cond.")}
+        return self.evaluate(rows["images"], cond)
+
     def metric_protocol(self) -> dict:
         """What a record must say about how metrics were computed (extractor, reference, n)."""
         raise NotImplementedError
