@@ -93,6 +93,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
         info = rec.get("fit_info") or {}
         rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]),
                      "group": rec.get("group", "solver"), "nfe": rec["nfe"], "seed": rec["seed"],
+                     # seed block B (noise seeds B*n .. B*n+n-1, EDM's --seeds); None: a run seed
+                     "seed_block": rec.get("seed_block"),
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
                      "nfe_parallel": rec.get("nfe_parallel"),  # sequential rounds (EPD-Solver); None for others
                      "guidance": guidance_scale(rec),
