@@ -174,15 +174,32 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
                                         "equal or better FID"),
               nfe: str | None = typer.Option(None, help="with --ablation: comma-separated NFEs (default: all)"),
               set_: list[str] | None = typer.Option(None, "--set", help="with --ablation: the --set overrides "
-                                                    "the ablation ran with")):
-    """Comparison table: measured rows (FID mean ± std over seeds, metrics, fine-tuning time)
-    and the paper's published rows, grouped as in the paper's Tables 2/3; or, with --ablation,
-    an SFD ablation table shaped like the paper's Table 1."""
+                                                    "the ablation ran with"),
+              from_: list[Path] | None = typer.Option(None, "--from", help="render `sfdbench export` files "
+                                                      "instead of records (repeat to merge machines and papers)"),
+              best_of_blocks: bool = typer.Option(False, "--best-of-blocks", help="also show, labelled, the "
+                                                  "minimum FID over seed blocks (never shown by default)")):
+    """Comparison table: measured rows (FID mean ± std over seeds or seed blocks, metrics,
+    fine-tuning time) and the paper's published rows, grouped as in the paper's Tables 2/3; or,
+    with --ablation, an SFD ablation table shaped like the paper's Table 1; or, with --from, the
+    rows of one or more `sfdbench export` files merged into one table."""
     from sfdbench.report.tables import FORMATS, render
     from sfdbench.suites import get_suite
 
     if fmt not in FORMATS:
         raise BadInput(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if from_:
+        if ablation is not None or cost or results is not None or nfe is not None or set_:
+            raise BadInput("--from renders export files alone: drop --results, --ablation, --cost, --nfe and --set")
+        from sfdbench.report.export import caption_from_exports, read_export, table_from_exports
+
+        documents = [read_export(p) for p in from_]
+        labels = [p.stem for p in from_]
+        table = table_from_exports(documents, labels, best_of_blocks)
+        if not published:
+            table = table[table["source"] != "published"]
+        print(render(table, fmt, caption=caption_from_exports(documents, labels)))
+        return
     s = get_suite(suite)
     if ablation is not None:
         from sfdbench.harness.ablate import ablation_from_results
@@ -208,7 +225,39 @@ def table_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("mark
             raise BadInput(f"no fine-tuned {s.name} records under {results}; run a distillation method first")
         print(render_cost(table, fmt, caption=f"{s.name}: {COST_CAPTION}"))
         return
-    print(render(suite_table(s.name, records, results, published), fmt, caption=table_caption(s.name, records)))
+    print(render(suite_table(s.name, records, results, published, best_of_blocks), fmt,
+                 caption=table_caption(s.name, records)))
+
+
+@app.command("export")
+def export_cmd(suite: str = typer.Option("digits"), fmt: str = typer.Option("json", "--format", help="json"),
+               results: Path = typer.Option(Path("results"), help="results folder written by `sfdbench run`"),
+               out_path: Path | None = typer.Option(None, "--out", help="the export file (default "
+                                                    "RESULTS/SUITE/leaderboard.json)"),
+               published: bool = typer.Option(True, help="include the paper's published rows"),
+               best_of_blocks: bool = typer.Option(False, "--best-of-blocks", help="also export the labelled "
+                                                   "best-of-seed-blocks rows")):
+    """Leaderboard export: one self-describing JSON file of every row (measured and published)
+    with full provenance; `sfdbench table --from FILE.json` renders it (docs/reporting.md)."""
+    from sfdbench.baselines import load_published
+    from sfdbench.records import load_records
+    from sfdbench.report.assemble import suite_table, table_caption
+    from sfdbench.report.export import export, write_export
+    from sfdbench.suites import get_suite
+
+    if fmt != "json":
+        raise BadInput(f"unknown --format {fmt!r}; export writes json")
+    s = get_suite(suite)
+    target = out_path or results / s.name / "leaderboard.json"
+    if target.exists() and target.is_dir():
+        raise BadInput(f"--out {target} is a directory; give a .json file path")
+    _check_writable_dir(target.parent)
+    records = load_records(results, s.name)
+    suite_table(s.name, records, results, published)  # nothing to export: bad input, nothing written
+    document = export(s.name, records, load_published(s.name) if published else load_published(""),
+                      caption=table_caption(s.name, records), best_of_blocks=best_of_blocks)
+    write_export(document, target)
+    out.print(f"wrote {target} ({len(document['rows'])} rows)")
 
 
 @app.command("plot")
@@ -253,8 +302,12 @@ def check_cmd(suite: str = typer.Option("digits"),
               results: Path = typer.Option(Path("results/check"), help="where the fresh check records go"),
               reference: Path = typer.Option(Path("results/reference"), help="committed reference records"),
               update_reference: bool = typer.Option(False, help="copy the fresh records into --reference"),
-              run_grid: bool = typer.Option(True, "--run/--no-run", help="run the suite's check grid first")):
-    """Regression gate: run the suite's quick grid and compare with the committed references.
+              run_grid: bool = typer.Option(True, "--run/--no-run", help="run the suite's check grid first"),
+              measure_tolerances: bool = typer.Option(False, "--measure-tolerances", help="treat the fresh records "
+                                                      "as a rerun on another machine: write the measured paired "
+                                                      "differences and tolerances to REFERENCE/SUITE/tolerances.json")):
+    """Regression gate: run the suite's quick grid and compare with the committed references, per
+    seed (paired) where a measured tolerance exists (docs/reporting.md#regression-gate).
     Exit 1 when a metric is worse than its tolerance; improvements are reported, not failed."""
     import shutil
 
@@ -284,15 +337,29 @@ def check_cmd(suite: str = typer.Option("digits"),
     ref = load_records(reference, s.name)
     if ref.empty:
         raise BadInput(f"no reference records in {records_dir(reference, s.name)}; create them with --update-reference")
-    comparison = compare(fresh, ref)
-    table = Table("method", "NFE", "guidance", "metric", "reference", "fresh", "delta", "tolerance", "status",
-                  title=f"sfdbench check: {s.name}")
+    if measure_tolerances:
+        from sfdbench.report.check import machine_of, tolerances_path
+        from sfdbench.report.check import measure_tolerances as measure
+        from sfdbench.report.export import write_export as write_json
+
+        if fresh.empty:
+            raise BadInput(f"no fresh {s.name} records under {results} to measure tolerances from")
+        document = measure(fresh, ref, s.name, machine_of(fresh), machine_of(ref))
+        write_json(document, tolerances_path(reference, s.name))
+        out.print(f"wrote {tolerances_path(reference, s.name)} ({len(document['rows'])} rows, "
+                  f"{len(document['skipped'])} skipped)")
+        return
+    from sfdbench.report.check import load_tolerances
+
+    comparison = compare(fresh, ref, load_tolerances(reference, s.name))
+    table = Table("method", "NFE", "guidance", "metric", "reference", "fresh", "delta", "max |d_s|", "tolerance",
+                  "rule", "status", title=f"sfdbench check: {s.name}")
     colors = {"ok": "green", "improvement": "cyan"}
     for _, r in comparison.iterrows():
         color = colors.get(r["status"], "red")
         table.add_row(r["method"], str(r["nfe"]), f"{r['guidance']:g}", r["metric"], f"{r['reference']:.3f}",
-                      f"{r['fresh']:.3f}", f"{r['delta']:+.3f}", f"{r['tolerance']:.3f}",
-                      f"[{color}]{r['status']}[/{color}]")
+                      f"{r['fresh']:.3f}", f"{r['delta']:+.3f}", f"{r['max_abs_paired']:.3f}",
+                      f"{r['tolerance']:.3f}", r["rule"], f"[{color}]{r['status']}[/{color}]")
     out.print(table)
     if failed(comparison):
         out.print("[red]regression: a metric moved beyond its tolerance (or a configuration changed; "

@@ -17,10 +17,12 @@ from sfdbench.records import read_record
 from sfdbench.report.tables import combine, protocol_caption, published_rows, summarize, variant_displays
 
 
-def suite_table(suite: str, records: pd.DataFrame, results: Path, published: bool = True) -> pd.DataFrame:
+def suite_table(suite: str, records: pd.DataFrame, results: Path, published: bool = True,
+                best_of_blocks: bool = False) -> pd.DataFrame:
     """Measured rows (from ``records``, loaded from ``results``) + published rows of ``suite``; bad
-    input when there is nothing to show."""
-    measured = summarize(records)
+    input when there is nothing to show. ``best_of_blocks``: also the labelled minimum over seed
+    blocks (``tables.summarize``)."""
+    measured = summarize(records, best_of_blocks=best_of_blocks)
     paper = published_rows(load_published(suite) if published else pd.DataFrame())
     if measured.empty and paper.empty:
         raise BadInput(f"no {suite} records under {results} and no published rows; run `sfdbench run --suite {suite}`")
@@ -31,6 +33,10 @@ def table_caption(suite: str, records: pd.DataFrame) -> str:
     caption = (f"{suite}: FID (mean ± std over seeds where measured) and fine-tuning cost in device-hours; "
                "published rows are the SFD paper's (A100 hours). ")
     if not records.empty:
+        if "seed_block" in records and records["seed_block"].notna().any():
+            caption += ("Rows over seed blocks: block B samples noise seeds B·n … B·n+n−1 (EDM's --seeds "
+                        "convention); FID is the mean ± std over blocks, a \"best of k seed blocks\" row is the "
+                        "minimum, shown only on request. ")
         caption += protocol_caption(list(records["metric_protocol"]))
         if "guidance" in records and (records["guidance"] != 1.0).any():
             caption += (" Guided rows (CFG w) cost 2 network evaluations per sampler step: their NFE column counts "
