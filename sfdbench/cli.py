@@ -132,23 +132,61 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             grid: str = typer.Option("default", help="default | full (every method at every listed NFE) | a suite's "
                                      "named grid (`sfdbench suites`)"),
             set_: list[str] | None = typer.Option(None, "--set", help="METHOD.KEY=VALUE hyperparameter override "
-                                                      "(repeatable), e.g. --set sfd.iterations=200")):
+                                                      "(repeatable), e.g. --set sfd.iterations=200"),
+            seed_blocks: str | None = typer.Option(None, help="comma-separated seed blocks instead of run seeds: "
+                                                   "block B = samples B*n .. B*n+n-1 (EDM's --seeds convention; "
+                                                   "block 0 at n = 50000 is seeds 0-49999)"),
+            save_samples: bool = typer.Option(False, help="also write every batch of samples as an .npz shard "
+                                              "(uint8 images, sample indices, conditioning) under "
+                                              "OUT/SUITE/samples/"),
+            devices: int | None = typer.Option(None, help="start K processes with torchrun (one per GPU with "
+                                               "--device cuda, gloo processes on CPU); same as `torchrun "
+                                               "--nproc_per_node K -m sfdbench run ...`")):
     """Fit -> sample -> evaluate a grid of (method, NFE, seed); one JSON record each."""
     import time
 
+    from sfdbench import parallel
     from sfdbench.harness.runner import RunPlan, default_grid, parse_overrides, run
     from sfdbench.suites import get_suite
 
+    if devices is not None:
+        raise typer.Exit(_relaunch_with_torchrun(devices))
     s = get_suite(suite)
     plan = RunPlan(suite=s.name, grid=default_grid(s.name, _name_list(methods), _int_list(nfe, "--nfe"),
                                                    _float_list(guidance, "--guidance"), grid),
                    seeds=_int_list(seeds, "--seeds") or list(s.default_seeds),
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
                    teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
-                   reference_images=reference_images, budget=_budget(budget), command=_command_line())
+                   reference_images=reference_images, budget=_budget(budget), command=_command_line(),
+                   seed_blocks=_int_list(seed_blocks, "--seed-blocks"), save_samples=save_samples)
     start = time.perf_counter()
     paths = run(plan)
-    out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
+    if parallel.is_main():
+        out.print(f"{len(paths)} records in {out_dir / s.name / 'records'} ({time.perf_counter() - start:.0f} s)")
+    parallel.shutdown()
+
+
+def _relaunch_with_torchrun(devices: int) -> int:
+    """``run --devices K``: this command again under ``torch.distributed.run`` (torchrun) with K
+    processes on this machine, ``--devices`` removed; returns torchrun's exit code."""
+    import os
+    import subprocess
+
+    if devices < 1:
+        raise BadInput(f"--devices must be at least 1, got {devices}")
+    if os.environ.get("WORLD_SIZE"):
+        raise BadInput("--devices is for starting torchrun; this process already runs under torchrun")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "sfdbench", *args]
+    return subprocess.run(command).returncode
 
 
 def _budget(text: str | None) -> list[str] | None:

@@ -43,8 +43,10 @@ def records_dir(out: Path, suite: str) -> Path:
     return Path(out) / suite / "records"
 
 
-def record_path(out: Path, suite: str, method: str, nfe: int, seed: int, chash: str) -> Path:
-    return records_dir(out, suite) / f"{method}-nfe{nfe}-seed{seed}-{chash}.json"
+def record_path(out: Path, suite: str, method: str, nfe: int, seed: int | str, chash: str) -> Path:
+    """``seed``: a run seed (``...-seed3-...``) or a replicate label such as ``"block2"``."""
+    label = seed if isinstance(seed, str) else f"seed{seed}"
+    return records_dir(out, suite) / f"{method}-nfe{nfe}-{label}-{chash}.json"
 
 
 def write_record(path: Path, record: dict) -> None:

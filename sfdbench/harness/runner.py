@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from sfdbench import parallel
 from sfdbench.diffusion.denoiser import guided_evaluations_per_call
 from sfdbench.errors import BadInput
 from sfdbench.harness.progress import console, progress_bar
-from sfdbench.harness.sampling import MAX_RUN_SEED, SEED_STRIDE, generate
+from sfdbench.harness.sampling import MAX_RUN_SEED, SEED_STRIDE, generate, generate_rows
 from sfdbench.methods import FitContext, get_method
 from sfdbench.records import SCHEMA_VERSION, config_hash, git_revision, now, record_path, versions, write_record
 from sfdbench.suites import get_suite
@@ -45,6 +46,16 @@ class RunPlan:
             return []
         return list(self.budget) if isinstance(self.budget, list | tuple) else [self.budget]
     command: str = ""  # the command line that made the plan, written into every record
+    # EDM's --seeds convention instead of run seeds: block B = samples (noise seeds) B*n .. B*n + n - 1
+    seed_blocks: list[int] | None = None
+    save_samples: bool = False  # also write every batch as an .npz shard under <out>/<suite>/samples/
+
+    def replicates(self) -> list[tuple[int, int, int, dict]]:
+        """(seed label, run seed, first sample index, what the config hash adds) of every replicate:
+        run seeds (noise seed = seed * 10^7 + i) or seed blocks (noise seed = B * n + i)."""
+        if self.seed_blocks is not None:
+            return [(b, 0, b * self.samples, {"seed_block": b}) for b in self.seed_blocks]
+        return [(s, s, 0, {}) for s in self.seeds]
 
     def entries(self, suite) -> list[tuple[str, int, float]]:
         """The grid with every guidance scale resolved (the suite's default where none is given)."""
@@ -121,6 +132,11 @@ def validate(plan: RunPlan) -> None:
         raise BadInput(f"--seeds must be integers in 0..{MAX_RUN_SEED}, got {plan.seeds}")
     if plan.samples >= SEED_STRIDE:
         raise BadInput(f"--samples must be below {SEED_STRIDE}")
+    if plan.seed_blocks is not None:
+        last = (max(plan.seed_blocks, default=0) + 1) * plan.samples
+        if not plan.seed_blocks or min(plan.seed_blocks) < 0 or last > SEED_STRIDE:
+            raise BadInput(f"--seed-blocks must be integers >= 0 with (block + 1) x samples <= {SEED_STRIDE}, got "
+                           f"{plan.seed_blocks} at {plan.samples} samples")
     for method, nfe, scale in plan.entries(suite):
         get_method(method).check_nfe(nfe, suite)
         get_method(method).check_suite(suite)
@@ -169,8 +185,10 @@ def budget_flops(plan: RunPlan, suite, teacher, teacher_id: str, nfe: int, devic
         return value
     sfd = get_method("sfd")
     hp = sfd.hyperparameters(suite, nfe)
-    fitted = sfd.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, device=device, progress=progress_bar,
-                                workdir=fit_workdir(plan, suite, sfd, nfe, hp, teacher_id), teacher_id=teacher_id))
+    fitted = fit_everywhere(sfd, FitContext(suite=suite, teacher=teacher, nfe=nfe, device=device,
+                                            progress=progress_bar, workdir=fit_workdir(plan, suite, sfd, nfe, hp,
+                                                                                       teacher_id),
+                                            teacher_id=teacher_id, devices=parallel.world()))
     flops = (fitted.fine_tuning or {}).get("flops")
     if not flops:
         raise BadInput(f"SFD's fit at NFE {nfe} recorded no FLOPs (an older fit); rerun it with --force")
@@ -236,11 +254,28 @@ def budget_display(display: str, hp: dict, spec) -> str:
     return f"{display} ({source}: {hp['budget_flops']:.3g} FLOPs)"
 
 
+def fit_everywhere(method, ctx: FitContext):
+    """``method.fit`` with several processes (``torchrun``): data-parallel methods fit together;
+    any other method is fitted by process 0 alone (``parallel.solo``) while the others wait, and
+    then every process loads what process 0 wrote, so all sample with the same model. One process:
+    just ``method.fit``."""
+    if parallel.world() == 1 or method.data_parallel:
+        return method.fit(ctx)
+    if parallel.is_main():
+        with parallel.solo():
+            method.fit(ctx)
+    parallel.barrier()
+    return method.fit(ctx)
+
+
 def run(plan: RunPlan) -> list[Path]:
-    """Execute ``plan``; returns the record paths (written or already present)."""
+    """Execute ``plan``; returns the record paths (written or already present). Under ``torchrun``
+    every process runs this; process 0 alone prints and writes (``sfdbench.parallel``)."""
     validate(plan)
+    device = torch.device(parallel.init(plan.device))
+    if not parallel.is_main():
+        console.quiet = True
     suite = make_suite(plan)
-    device = torch.device(plan.device)
     suite.require_assets(teacher_given=plan.teacher is not None)  # every missing file named at once (exit 3)
     teacher = suite.load_teacher(plan.teacher, device)  # corrupt or mismatched weights fail here, before any write
     teacher_id = suite.teacher_id(plan.teacher)
@@ -272,35 +307,46 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
     if scale != 1.0:  # unguided configurations keep the hash they always had
         base["guidance"] = scale
     todo = []
-    for seed in plan.seeds:
-        chash = config_hash({**base, "seed": seed})
-        path = record_path(plan.out, suite.name, method.name, nfe, seed, chash)
+    for seed, run_seed, first, extra in plan.replicates():
+        chash = config_hash({**base, "seed": seed, **extra})
+        label = f"block{seed}" if extra else f"seed{seed}"
+        path = record_path(plan.out, suite.name, method.name, nfe, label, chash)
         if path.exists() and not plan.force:
-            console.print(f"[dim]skip {method.name} NFE {nfe} seed {seed}: {path} exists (use --force)[/dim]")
+            console.print(f"[dim]skip {method.name} NFE {nfe} {label}: {path} exists (use --force)[/dim]")
             written.append(path)
         else:
-            todo.append((seed, chash, path))
+            todo.append((seed, run_seed, first, extra, label, chash, path))
+    todo = parallel.broadcast_from_main(todo)  # process 0's view of what is done decides for everyone
     if not todo:
         return written
     workdir = fit_workdir(plan, suite, method, nfe, hp, teacher_id)
     fit_hash = workdir.name.rsplit("-", 1)[-1]
-    fitted = method.fit(FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
-                                   progress=progress_bar, teacher_id=teacher_id))
+    fitted = fit_everywhere(method, FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
+                                               progress=progress_bar, teacher_id=teacher_id,
+                                               devices=parallel.world()))
     tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
-    grid_path = write_sample_grid(fitted, suite, Path(plan.out) / suite.name / "grids" / f"{tag}.png", device,
-                                  scale)
+    grid_path = Path(plan.out) / suite.name / "grids" / f"{tag}.png"
+    if parallel.is_main():
+        write_sample_grid(fitted, suite, grid_path, device, scale)
     per_call = guidance_record(scale)["network_evaluations_per_call"]
-    for seed, chash, path in todo:
+    for seed, run_seed, first, extra, label, chash, path in todo:
         started = now()
-        with progress_bar(f"sample {method.name} NFE {nfe} seed {seed}", plan.samples) as advance:
-            images, cond, stats = generate(fitted, suite, seed, plan.samples, plan.batch, device, scale, advance)
+        shards = Path(plan.out) / suite.name / "samples" / tag / label if plan.save_samples else None
+        with progress_bar(f"sample {method.name} NFE {nfe} {label}", plan.samples) as advance:
+            rows, stats = generate_rows(fitted, suite, run_seed, plan.samples, plan.batch, device, scale, advance,
+                                        first_index=first, save_dir=shards)
         if abs(stats["sampler_nfe"] - nfe) > 1e-9 or abs(stats["nfe_counted"] - nfe * per_call) > 1e-9:
             raise RuntimeError(f"{method.name} declared NFE {nfe} (x{per_call} network calls with guidance "
                                f"{scale:g}) but the sampler called the denoiser {stats['sampler_nfe']} times "
                                f"and the network {stats['nfe_counted']} times per sample")
-        metrics = suite.evaluate(images, cond)
+        if not parallel.is_main():  # process 0 evaluates and writes; the others go on to the next replicate
+            continue
+        metrics = suite.evaluate_summaries(rows)
+        noise = (f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}" if not extra else
+                 f"{first} + i for i < {plan.samples} (seed block {seed}: samples {first}..{first + plan.samples - 1}, "
+                 "EDM's --seeds convention)")
         record = {
-            **base, "seed": seed, "config_hash": chash,
+            **base, "seed": seed, **extra, "config_hash": chash,
             "display": budget_display(guided_display(method.display_name(hp), scale), hp, spec),
             "group": method.group,
             "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
@@ -310,11 +356,13 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
             "fine_tuning": fitted.fine_tuning,
             "fit_info": fitted.info,
             "sampling": {"n_samples": plan.samples,
-                         "noise_seeds": f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}",
+                         "noise_seeds": noise,
                          "conditioning": "drawn from each sample's generator after its latent"
-                         if cond else "none",
+                         if suite.conditional else "none",
                          "batch": plan.batch, "seconds": stats["sampling_seconds"],
-                         "images_per_second": stats["images_per_second"], "device": str(device)},
+                         "images_per_second": stats["images_per_second"], "device": str(device),
+                         "devices": parallel.world(),
+                         **({"shards": str(shards)} if shards is not None else {})},
             "sample_grid": str(grid_path),
             **({"assets": assets} if assets else {}),
             **({"suite_settings_sources": suite.provenance} if getattr(suite, "provenance", None) else {}),
@@ -323,5 +371,5 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
         }
         write_record(path, record)
         written.append(path)
-        console.print(f"{record['display']} NFE {nfe} seed {seed}: FID {metrics['fid']:.3f}")
+        console.print(f"{record['display']} NFE {nfe} {label.replace('seed', 'seed ')}: FID {metrics['fid']:.3f}")
     return written

@@ -53,6 +53,9 @@ class Method:
     display: str = ""
     group: str = "solver"  # "solver" or "distillation"
     description: str = ""
+    # whether the fit splits its batch over processes (torchrun; ``train_loop(data_parallel=True)``);
+    # other methods are fitted by process 0 alone and every process then loads what it wrote
+    data_parallel: bool = False
 
     def nfe_rule(self) -> str:
         raise NotImplementedError

@@ -270,6 +270,7 @@ class SFDMethod(Method):
 
     group: str = "distillation"
     sigma_min: float = 0.006
+    data_parallel: bool = True  # the batch splits over torchrun processes (methods/training.py)
     schedule: str = "polynomial"
     rho: float = 7.0
     m: int = 3
@@ -367,7 +368,8 @@ def train_sfd(ctx: FitContext, hp: dict, method: str = "sfd") -> None:
 
     accounting, log = train_loop(ctx.workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
                                  learning_rate(hp), ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}",
-                                 ctx.progress, step, conditioning=suite.training_conditioning, devices=ctx.devices)
+                                 ctx.progress, step, conditioning=suite.training_conditioning, devices=ctx.devices,
+                                 data_parallel=True)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
                 "nfe": ctx.nfe}

@@ -49,6 +49,7 @@ FIXED = ("first_stage", "num_steps", "M", "teacher_solver", "teacher_num_steps",
 @dataclass
 class SFDStage2Method(Method):
     group: str = "distillation"
+    data_parallel: bool = True  # the batch splits over torchrun processes (methods/training.py)
     num_steps: int = 3
     m: int = 2
     iterations: int = 15625  # 2000 kimg at batch 128 (the paper's CIFAR-10 length)
@@ -150,7 +151,8 @@ def train_stage2(ctx: FitContext, hp: dict, first: TrainedModel, method: str = "
 
     second, log = train_loop(ctx.workdir, student, teacher, LoopSettings.from_hyperparameters(hp), learning_rate(hp),
                              ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}", ctx.progress, step,
-                             conditioning=suite.training_conditioning, devices=ctx.devices)
+                             conditioning=suite.training_conditioning, devices=ctx.devices,
+                                 data_parallel=True)
     first_cost = first.fit["fine_tuning"]
     first_flops = first_cost.get("flops")
     total = Accounting(first_cost["wall_seconds"] + second.wall_seconds, second.device, second.devices,

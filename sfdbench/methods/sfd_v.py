@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from sfdbench import parallel
 from sfdbench.diffusion.denoiser import Denoiser
 from sfdbench.diffusion.schedules import schedule_for
 from sfdbench.errors import BadInput
@@ -137,8 +138,9 @@ class SFDVMethod(SFDMethod):
         fitted = load_fitted(model, ctx.suite, ctx.teacher, ctx.device, nfe=ctx.nfe)
         fitted.info.update({"shared_model": str(model), "one_model_all_nfes": True})
         # a pointer in this NFE's own folder, so every fits/ entry says where its model is
-        atomic_write_bytes(ctx.workdir / "shared.json",
-                           (json.dumps({"shared_model": str(model), "nfe": ctx.nfe}, indent=2) + "\n").encode())
+        if parallel.is_main():
+            atomic_write_bytes(ctx.workdir / "shared.json",
+                               (json.dumps({"shared_model": str(model), "nfe": ctx.nfe}, indent=2) + "\n").encode())
         return fitted
 
 
@@ -161,7 +163,8 @@ def train_sfd_v(workdir: Path, ctx: FitContext, hp: dict, method: str = "sfd-v")
     accounting, log = train_loop(workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
                                  learning_rate(hp), device, suite.latent_shape,
                                  f"fit {method} (N {low}..{high}, all NFEs)", ctx.progress, step,
-                                 conditioning=suite.training_conditioning, devices=ctx.devices)
+                                 conditioning=suite.training_conditioning, devices=ctx.devices,
+                                 data_parallel=True)
     afs = int(hp["afs"])
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": low, "nfe": low - 1 - afs, "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sfdbench import parallel
 from sfdbench.diffusion.denoiser import CountingDenoiser, Denoiser
 from sfdbench.errors import BadInput
 from sfdbench.io import atomic_write_bytes
@@ -171,7 +172,8 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
                conditioning: Callable[[int, torch.Generator], dict] | None = None,
                devices: int = 1, extra_state: dict[str, torch.nn.Module] | None = None,
                student_flops_per_sample: int | None = None,
-               parameters: list[torch.nn.Parameter] | None = None) -> tuple[Accounting, dict]:
+               parameters: list[torch.nn.Parameter] | None = None,
+               data_parallel: bool = False) -> tuple[Accounting, dict]:
     """Run ``settings.iterations`` iterations of ``step``, resuming from ``workdir/checkpoint.pt``
     and writing it atomically every ``settings.checkpoint_every`` iterations.
 
@@ -190,7 +192,18 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
     ``student`` per sample when it is not a denoiser ``student(x, sigma, **cond)``, e.g. a small
     predictor). ``settings.budget_flops`` stops the loop after the first iteration at which the
     counted FLOPs reach the budget (``log["stopped_at_budget"]``). A step may return
-    ``"real_images"`` (training images it used) and the loop adds them up."""
+    ``"real_images"`` (training images it used) and the loop adds them up.
+
+    Several processes (``torchrun``; ``sfdbench.parallel``): with ``data_parallel`` (a step whose only
+    randomness is the latents, the conditioning and dropout, e.g. SFD's), process r trains on rows
+    ``parallel.shard_rows(batch)`` of the global batch drawn exactly as one process draws it, dropout
+    masks are drawn for the global batch and sliced, and gradients are averaged over processes before
+    every optimiser step; counts and FLOPs are summed over processes, so the fit equals the
+    single-process fit up to float summation order. Only process 0 writes the checkpoint. Without
+    ``data_parallel`` the loop must run in one process (the runner fits such methods on process 0)."""
+    if parallel.world() > 1 and not data_parallel:
+        raise RuntimeError(f"{description}: this fit cannot be split over processes; fit it on one process "
+                           "(sfdbench.parallel.solo)")
     optimizer = torch.optim.Adam(parameters if parameters is not None else student.parameters(), lr=lr(0),
                                  betas=(0.9, 0.999), eps=1e-8)
     ckpt_path = workdir / "checkpoint.pt"
@@ -216,7 +229,8 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
                  watch, ckpt_path, progress, description, student_calls, extra_state)
     finally:
         student_calls.remove()
-    return Accounting(watch.seconds, device_name(device), devices, float(counted_flops(log))), log
+    return Accounting(watch.seconds, device_name(device), max(devices, parallel.world()),
+                      float(counted_flops(log))), log
 
 
 def counted_flops(log: dict) -> float:
@@ -228,6 +242,7 @@ def counted_flops(log: dict) -> float:
 
 def _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log, watch,
              ckpt_path, progress, description, student_calls, extra_state) -> None:
+    shared_optimizer = parallel.GradientAveraging(optimizer) if parallel.world() > 1 else optimizer
     with progress(description, settings.iterations) as advance:
         advance(start_it)
         for it in range(start_it, settings.iterations):
@@ -237,19 +252,23 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
                 log["precision"], log["fp16_fallback_iteration"] = "fp32", it
             counted = CountingDenoiser(teacher)
             seed = iteration_seed(settings.fit_seed, it)
+            rows = parallel.shard_rows(settings.batch)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                latents = torch.randn(shape, device=device)
-                cond = _to_device(conditioning(settings.batch, torch.Generator().manual_seed(seed)), device) \
-                    if conditioning else {}
-                out = step(student, latents, cond, optimizer, counted, log["precision"] != "fp32", it)
-            log["bad_gradients"] += out["bad_gradients"]
+                latents = torch.randn(shape, device=device)[rows]
+                cond = _slice_rows(_to_device(conditioning(settings.batch, torch.Generator().manual_seed(seed)),
+                                              device), rows, settings.batch) if conditioning else {}
+                with _sharded(rows, settings.batch):
+                    out = step(student, latents, cond, shared_optimizer, counted, log["precision"] != "fp32", it)
+            teacher_n, student_n, real, bad = parallel.sum_over_processes(
+                [counted.samples, student_calls.samples, int(out.get("real_images", 0)), out["bad_gradients"]])
+            log["bad_gradients"] += int(bad)
             log["nan_loss_iterations"] += int(out["loss_nan"])
-            log["last_loss_nan"] = math.isnan(out["losses"][-1])
-            log["teacher_evaluations"] += counted.samples
-            log["student_evaluations"] += student_calls.samples
+            log["last_loss_nan"] = parallel.max_over_processes(float(math.isnan(out["losses"][-1]))) > 0
+            log["teacher_evaluations"] += int(teacher_n)
+            log["student_evaluations"] += int(student_n)
             student_calls.samples = 0
-            log["real_images"] += int(out.get("real_images", 0))
+            log["real_images"] += int(real)
             log["loss_last"] = out["losses"]
             advance(info=f"loss {out.get('shown_loss', sum(out['losses'])):.3f}")
             if settings.budget_flops is not None and counted_flops(log) >= settings.budget_flops:
@@ -260,12 +279,26 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
                 _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log, extra_state)
 
 
+def _sharded(rows: slice, total: int):
+    """Dropout masks drawn for the global batch when this process holds only ``rows`` of it."""
+    import contextlib
+
+    return parallel.GlobalBatchDropout(rows, total) if parallel.world() > 1 else contextlib.nullcontext()
+
+
+def _slice_rows(cond: dict, rows: slice, total: int) -> dict:
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == total else v
+            for k, v in cond.items()}
+
+
 def _to_device(cond: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
 
 def _save_checkpoint(path: Path, student, optimizer, iteration: int, wall: float, log: dict,
                      extra_state: dict | None = None) -> None:
+    if not parallel.is_main():
+        return
     buf = io.BytesIO()
     torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "extra": {k: m.state_dict() for k, m in (extra_state or {}).items()},
@@ -314,6 +347,13 @@ def save_student(workdir: Path, student: torch.nn.Module, method: str, suite: st
     method) and the adapters attached to the teacher's architecture; the weights load into a copy
     of the teacher with those adapters (``Suite.load_student``). The compute accounting is
     explicit: wall time of the whole loop, teacher trajectories included."""
+    if parallel.is_main():
+        _write_student(workdir, student, method, suite, hp, sampling, accounting, log, **extra)
+    parallel.barrier()  # every process reads the model files only once they exist
+
+
+def _write_student(workdir: Path, student: torch.nn.Module, method: str, suite: str, hp: dict, sampling: dict,
+                   accounting: Accounting, log: dict, **extra) -> None:
     meta = {"kind": STUDENT_KIND, "method": method, "suite": suite, "sampling": sampling, "hyperparameters": hp,
             "adapters": {"step_condition": is_step_conditioned(student)}}
     save_weights(student, workdir / "model.safetensors", meta)
