@@ -33,8 +33,21 @@ def _imagenet64() -> Suite:
     return imagenet64()
 
 
+def _lsun_bedroom() -> Suite:
+    from sfdbench.suites.latent import lsun_bedroom
+
+    return lsun_bedroom()
+
+
+def _ms_coco() -> Suite:
+    from sfdbench.suites.latent import ms_coco
+
+    return ms_coco()
+
+
 SUITES: dict[str, Callable[[], Suite]] = {"digits": _digits, "digits-cond": _digits_cond, "cifar10": _cifar10,
-                                          "imagenet64": _imagenet64}
+                                          "imagenet64": _imagenet64, "lsun_bedroom": _lsun_bedroom,
+                                          "ms_coco": _ms_coco}
 
 
 def register_suite(name: str, factory: Callable[[], Suite]) -> None:

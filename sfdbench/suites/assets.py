@@ -111,6 +111,9 @@ EDM_CDN = "https://nvlabs-fi-cdn.nvidia.com/edm"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+COCO_CAPTIONS_URL = ("https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/"
+                     "MS-COCO_val2014_30k_captions.csv")
+CLIP_G14_URL = "https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin"
 
 ASSETS: dict[str, Asset] = {a.key: a for a in (
     _asset("edm-cifar10-teacher", "EDM CIFAR-10 teacher (edm-cifar10-32x32-uncond-vp.pkl)", "teacher",
@@ -122,10 +125,15 @@ ASSETS: dict[str, Asset] = {a.key: a for a in (
     _asset("imagenet64-fid-ref", "ImageNet-64 FID reference statistics (imagenet-64x64.npz)", "fid-ref",
            f"{EDM_CDN}/fid-refs/imagenet-64x64.npz", ("imagenet64",)),
     _asset("inception-v3-compat", "Inception-v3 weights of torch-fidelity's inception-v3-compat (FID, KID, P/R)",
-           "feature-weights", INCEPTION_URL, ("cifar10", "imagenet64"),
+           "feature-weights", INCEPTION_URL, ("cifar10", "imagenet64", "lsun_bedroom", "ms_coco"),
            sha256_prefix=hub_sha256_prefix(INCEPTION_URL.rsplit("/", 1)[-1]), torch_hub=True),
     _asset("dinov2-vitl14", "DINOv2 ViT-L/14 weights (FD-DINOv2)", "feature-weights", DINOV2_URL,
            ("cifar10", "imagenet64")),
+    # latent suites (sfdbench/suites/latent.py); unpinned: the first download's sha256 is recorded
+    _asset("ms-coco-captions-30k", "MS-COCO val2014 30k captions (text2image-benchmark CSV, column text)", "captions",
+           COCO_CAPTIONS_URL, ("ms_coco",)),
+    _asset("clip-vit-g14-laion2b", "open_clip ViT-g-14 laion2b_s34b_b88k weights (CLIP score)", "feature-weights",
+           CLIP_G14_URL, ("ms_coco",)),
 )}
 
 
