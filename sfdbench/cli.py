@@ -136,6 +136,8 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             seed_blocks: str | None = typer.Option(None, help="comma-separated seed blocks instead of run seeds: "
                                                    "block B = samples B*n .. B*n+n-1 (EDM's --seeds convention; "
                                                    "block 0 at n = 50000 is seeds 0-49999)"),
+            batch: int = typer.Option(500, help="samples per sampling batch (batches are what processes share "
+                                      "out under torchrun; results do not depend on it)"),
             save_samples: bool = typer.Option(False, help="also write every batch of samples as an .npz shard "
                                               "(uint8 images, sample indices, conditioning) under "
                                               "OUT/SUITE/samples/"),
@@ -158,7 +160,7 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
                    teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
                    reference_images=reference_images, budget=_budget(budget), command=_command_line(),
-                   seed_blocks=_int_list(seed_blocks, "--seed-blocks"), save_samples=save_samples)
+                   seed_blocks=_int_list(seed_blocks, "--seed-blocks"), save_samples=save_samples, batch=batch)
     start = time.perf_counter()
     paths = run(plan)
     if parallel.is_main():
@@ -823,6 +825,30 @@ def ablate_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdben
     else:
         text = "\n".join(render_ablation(result, fmt) for result in results)
     out.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True, end="")
+
+
+reference_app = typer.Typer(no_args_is_help=True, help="Build a suite's reference statistics from its images.")
+app.add_typer(reference_app, name="reference")
+
+
+@reference_app.command("build")
+def reference_build(suite: str = typer.Option(..., help="a latent suite: lsun_bedroom or ms_coco"),
+                    images: Path = typer.Option(..., help="folder of the reference images (.png/.jpg, recursive)"),
+                    batch: int = typer.Option(64, help="images per feature batch"),
+                    device: str = typer.Option("cpu")):
+    """FID (and, with the DINOv2 weights present, FD-DINOv2) reference statistics of a folder of images,
+    streamed in batches, cached in the suite's reference path with a provenance record (docs/suites.md)."""
+    from sfdbench.suites import get_suite
+    from sfdbench.suites.latent import LatentSuite, build_reference
+
+    s = get_suite(suite)
+    if not isinstance(s, LatentSuite):
+        raise BadInput(f"suite {suite!r} has its own reference statistics; `reference build` is for lsun_bedroom "
+                       "and ms_coco")
+    if batch < 1:
+        raise BadInput(f"--batch must be >= 1, got {batch}")
+    for path in build_reference(s, images, batch=batch, device=device, command=_command_line()):
+        out.print(f"reference statistics: {path}")
 
 
 def _writable_file(path: Path) -> Path:

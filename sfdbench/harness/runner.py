@@ -128,6 +128,8 @@ def validate(plan: RunPlan) -> None:
     suite = make_suite(plan)
     if plan.samples < 2:
         raise BadInput(f"--samples must be at least 2 for FID, got {plan.samples}")
+    if not isinstance(plan.batch, int) or plan.batch < 1:
+        raise BadInput(f"--batch must be an integer >= 1, got {plan.batch!r}")
     if not plan.seeds or any(not 0 <= s <= MAX_RUN_SEED for s in plan.seeds):
         raise BadInput(f"--seeds must be integers in 0..{MAX_RUN_SEED}, got {plan.seeds}")
     if plan.samples >= SEED_STRIDE:
@@ -332,7 +334,7 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
     for seed, run_seed, first, extra, label, chash, path in todo:
         started = now()
         shards = Path(plan.out) / suite.name / "samples" / tag / label if plan.save_samples else None
-        with progress_bar(f"sample {method.name} NFE {nfe} {label}", plan.samples) as advance:
+        with progress_bar(f"sample {method.name} NFE {nfe} {label.replace('seed', 'seed ')}", plan.samples) as advance:
             rows, stats = generate_rows(fitted, suite, run_seed, plan.samples, plan.batch, device, scale, advance,
                                         first_index=first, save_dir=shards)
         if abs(stats["sampler_nfe"] - nfe) > 1e-9 or abs(stats["nfe_counted"] - nfe * per_call) > 1e-9:

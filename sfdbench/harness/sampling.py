@@ -116,8 +116,10 @@ def generate_rows(fitted: Fitted, suite, run_seed: int, n: int, batch: int = 500
         if save_dir is not None:
             write_sample_shard(Path(save_dir) / f"batch{j:06d}.npz", images, cond, first_index + start)
         mine.append((j, suite.summarize(images, cond)))
-        if advance:
-            advance(count * parallel.world())
+        if advance:  # this round's batches, from every process (the bar counts the whole run)
+            round_start = j - parallel.rank()
+            advance(sum(min(batch, n - starts[i]) for i in range(round_start, min(round_start + parallel.world(),
+                                                                                   len(starts)))))
     network_calls, sampler_calls = parallel.sum_over_processes([network.samples, sampler_view.samples])
     stats = _stats(network_calls, sampler_calls, n, parallel.max_over_processes(seconds))
     gathered = parallel.gather_to_main(mine)
