@@ -164,3 +164,42 @@ def test_killing_one_process_mid_fit_then_rerunning_resumes_and_finishes(tmp_pat
     assert 0 < checkpoint["iteration"] < 16
     sfdbench(*longer, "--out", str(out), devices=2)
     assert _max_diff(_weights(tmp_path / "whole"), _weights(out)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ seed blocks
+
+
+def _plan(tmp_path, **kw):
+    from sfdbench.harness.runner import RunPlan
+
+    return RunPlan(suite="digits", grid=[("dpmpp3m", 2)], out=tmp_path, batch=50, save_samples=True,
+                   **{"seeds": [0], **kw})
+
+
+def test_seed_block_b_is_samples_b_n_to_b_n_plus_n(tmp_path):
+    """EDM's --seeds convention: block 1 at n = 50 is samples 50..99, the second half of block 0 at n = 100."""
+    from sfdbench.harness.runner import run
+
+    (whole,) = run(_plan(tmp_path / "a", samples=100, seed_blocks=[0]))
+    (block,) = run(_plan(tmp_path / "b", samples=50, seed_blocks=[1]))
+    (seed1,) = run(_plan(tmp_path / "c", samples=50, seeds=[1]))
+    record = json.loads(block.read_text())
+    assert record["seed_block"] == 1 and record["seed"] == 1 and "block1" in block.name
+    assert record["sampling"]["noise_seeds"].startswith("50 + i for i < 50")
+    assert json.loads(seed1.read_text())["config_hash"] != record["config_hash"]  # not the same replicate
+    (a,) = (tmp_path / "a").rglob("batch000001.npz")
+    (b,) = (tmp_path / "b").rglob("batch000000.npz")
+    (c,) = (tmp_path / "c").rglob("batch000000.npz")
+    assert np.array_equal(np.load(a)["images"], np.load(b)["images"])
+    assert np.array_equal(np.load(b)["index"], np.arange(50, 100))
+    assert not np.array_equal(np.load(b)["images"], np.load(c)["images"])  # run seed 1 is other noise
+
+
+@pytest.mark.parametrize("blocks,samples", [([-1], 10), ([], 10), ([1000], 50_000)])
+def test_bad_seed_blocks_are_refused_before_anything_is_written(tmp_path, blocks, samples):
+    from sfdbench.errors import BadInput
+    from sfdbench.harness.runner import run
+
+    with pytest.raises(BadInput, match="--seed-blocks"):
+        run(_plan(tmp_path / "x", samples=samples, seed_blocks=blocks))
+    assert not (tmp_path / "x").exists()
