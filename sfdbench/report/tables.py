@@ -21,7 +21,7 @@ FORMATS = ("latex", "markdown", "csv")
 GROUPS = {"solver": "Solver-based", "distillation": "Distillation"}
 EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density": "Dens.", "coverage": "Cov.",
                  "class_match": "Class match", "fd_dinov2": "FD-DINOv2", "fid_heldout": "FID (held-out)",
-                 "memorisation": "Memo."}
+                 "memorisation": "Memo.", "clip_score": "CLIP score"}
 COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
            "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance",
            "fine_tuning_flops", "replicates", "seed_blocks", "fid_statistic"]
