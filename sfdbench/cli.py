@@ -141,6 +141,10 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
             save_samples: bool = typer.Option(False, help="also write every batch of samples as an .npz shard "
                                               "(uint8 images, sample indices, conditioning) under "
                                               "OUT/SUITE/samples/"),
+            snapshot_every: int = typer.Option(0, help="FID against compute as training proceeds: fine-tuning "
+                                               "fits (SFD, CD, ECT) keep a checkpoint every N iterations, each "
+                                               "evaluated on --snapshot-samples samples (drawn by `sfdbench plot`)"),
+            snapshot_samples: int = typer.Option(200, help="samples per intermediate-checkpoint evaluation"),
             devices: int | None = typer.Option(None, help="start K processes with torchrun (one per GPU with "
                                                "--device cuda, gloo processes on CPU); same as `torchrun "
                                                "--nproc_per_node K -m sfdbench run ...`")):
@@ -160,7 +164,8 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
                    samples=samples if samples is not None else s.default_samples, out=out_dir, force=force,
                    teacher=teacher, device=device, method_overrides=parse_overrides(set_ or []),
                    reference_images=reference_images, budget=_budget(budget), command=_command_line(),
-                   seed_blocks=_int_list(seed_blocks, "--seed-blocks"), save_samples=save_samples, batch=batch)
+                   seed_blocks=_int_list(seed_blocks, "--seed-blocks"), save_samples=save_samples, batch=batch,
+                   snapshot_every=snapshot_every, snapshot_samples=snapshot_samples)
     start = time.perf_counter()
     paths = run(plan)
     if parallel.is_main():
@@ -307,14 +312,15 @@ def plot_cmd(suite: str = typer.Option("digits"),
                                                  "(default RESULTS/SUITE/plots)"),
              published: bool = typer.Option(True, help="draw the paper's published points (hollow)")):
     """FID vs fine-tuning time (log x, device-hours): PNG + PDF."""
-    from sfdbench.records import load_records
+    from sfdbench.records import load_curves, load_records
     from sfdbench.report.assemble import suite_table, write_plot
     from sfdbench.suites import get_suite
 
     s = get_suite(suite)
     target = out_dir or results / s.name / "plots"
     _check_writable_dir(target)
-    paths = write_plot(s.name, suite_table(s.name, load_records(results, s.name), results, published), target)
+    paths = write_plot(s.name, suite_table(s.name, load_records(results, s.name), results, published), target,
+                       load_curves(results, s.name))
     out.print("wrote " + ", ".join(map(str, paths)))
 
 

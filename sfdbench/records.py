@@ -111,3 +111,21 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "devices": ft.get("devices"), "n_samples": rec.get("sampling", {}).get("n_samples"),
                      "path": str(path)})
     return pd.DataFrame(rows)
+
+
+def load_curves(results: Path, suite: str) -> pd.DataFrame:
+    """The intermediate-checkpoint evaluations of ``suite`` (``sfdbench run --snapshot-every``), one row
+    each: method, display, NFE, iteration, FID, fine-tuning device-hours and FLOPs up to that
+    checkpoint, and the (reduced) sample count. Empty when there are none."""
+    rows = []
+    for path in sorted((Path(results) / suite / "curves").glob("*.json")):
+        rec = read_record(path)
+        if rec is None or rec.get("suite") != suite or "snapshot" not in rec:
+            continue
+        ft = rec.get("fine_tuning") or {}
+        rows.append({"method": rec["method"], "display": rec.get("display", rec["method"]), "nfe": rec["nfe"],
+                     "iteration": rec["snapshot"]["iteration"], "fid": (rec.get("metrics") or {}).get("fid"),
+                     "fine_tuning_hours": ft.get("device_hours"), "fine_tuning_flops": ft.get("flops"),
+                     "n_samples": rec.get("n_samples"), "guidance": guidance_scale(rec), "path": str(path)})
+    return pd.DataFrame(rows, columns=["method", "display", "nfe", "iteration", "fid", "fine_tuning_hours",
+                                       "fine_tuning_flops", "n_samples", "guidance", "path"])

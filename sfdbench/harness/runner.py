@@ -49,6 +49,10 @@ class RunPlan:
     # EDM's --seeds convention instead of run seeds: block B = samples (noise seeds) B*n .. B*n + n - 1
     seed_blocks: list[int] | None = None
     save_samples: bool = False  # also write every batch as an .npz shard under <out>/<suite>/samples/
+    # FID against compute as training proceeds: fine-tuning fits write an intermediate checkpoint every
+    # this many iterations, each evaluated on snapshot_samples samples of run seed 0 (curve records)
+    snapshot_every: int = 0
+    snapshot_samples: int = 200
 
     def replicates(self) -> list[tuple[int, int, int, dict]]:
         """(seed label, run seed, first sample index, what the config hash adds) of every replicate:
@@ -128,6 +132,9 @@ def validate(plan: RunPlan) -> None:
     suite = make_suite(plan)
     if plan.samples < 2:
         raise BadInput(f"--samples must be at least 2 for FID, got {plan.samples}")
+    if not isinstance(plan.snapshot_every, int) or plan.snapshot_every < 0 or plan.snapshot_samples < 2:
+        raise BadInput(f"--snapshot-every must be >= 0 and --snapshot-samples >= 2, got {plan.snapshot_every}, "
+                       f"{plan.snapshot_samples}")
     if not isinstance(plan.batch, int) or plan.batch < 1:
         raise BadInput(f"--batch must be an integer >= 1, got {plan.batch!r}")
     if not plan.seeds or any(not 0 <= s <= MAX_RUN_SEED for s in plan.seeds):
@@ -325,7 +332,7 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
     fit_hash = workdir.name.rsplit("-", 1)[-1]
     fitted = fit_everywhere(method, FitContext(suite=suite, teacher=teacher, nfe=nfe, workdir=workdir, device=device,
                                                progress=progress_bar, teacher_id=teacher_id,
-                                               devices=parallel.world()))
+                                               devices=parallel.world(), snapshot_every=plan.snapshot_every))
     tag = f"{method.name}-nfe{nfe}-{fit_hash}" + (f"-w{scale:g}" if scale != 1.0 else "")
     grid_path = Path(plan.out) / suite.name / "grids" / f"{tag}.png"
     if parallel.is_main():
@@ -374,4 +381,49 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
         write_record(path, record)
         written.append(path)
         console.print(f"{record['display']} NFE {nfe} {label.replace('seed', 'seed ')}: FID {metrics['fid']:.3f}")
+    if plan.snapshot_every:
+        evaluate_snapshots(plan, suite, teacher, method, fitted, workdir, nfe, scale, base, device)
+    return written
+
+
+def curves_dir(out: Path, suite: str) -> Path:
+    """Where the intermediate-checkpoint records live (apart from records/: tables never show them)."""
+    return Path(out) / suite / "curves"
+
+
+def evaluate_snapshots(plan: RunPlan, suite, teacher, method, fitted, workdir: Path, nfe: int, scale: float,
+                       base: dict, device) -> list[Path]:
+    """FID against compute as training proceeds: every intermediate checkpoint of this fit (written
+    with ``--snapshot-every``) sampled at NFE ``nfe`` on ``plan.snapshot_samples`` samples of run seed
+    0 and evaluated like a record, with the fine-tuning accounting up to that checkpoint. Written to
+    ``curves/`` and marked as reduced-sample evaluations; ``sfdbench plot`` draws them as curves."""
+    from sfdbench.methods.training import read_fit, snapshot_models
+
+    model = Path(fitted.info.get("shared_model") or Path(workdir) / "model.safetensors")
+    written = []
+    for iteration, path in snapshot_models(model):
+        config = {**base, "n_samples": plan.snapshot_samples, "seed": 0, "snapshot_iteration": iteration}
+        chash = config_hash(config)
+        out_path = curves_dir(plan.out, suite.name) / f"{method.name}-nfe{nfe}-it{iteration:06d}-{chash}.json"
+        if parallel.broadcast_from_main(out_path.exists() and not plan.force):
+            written.append(out_path)
+            continue
+        snapshot = method.load(path, suite, teacher, device, nfe=nfe)
+        rows, stats = generate_rows(snapshot, suite, 0, plan.snapshot_samples, plan.batch, device, scale)
+        if not parallel.is_main():
+            continue
+        fit = read_fit(path.parent)
+        hp = base["hyperparameters"]
+        record = {**config, "config_hash": chash, "group": method.group,
+                  "display": guided_display(method.display_name(hp), scale),
+                  "metrics": suite.evaluate_summaries(rows), "fine_tuning": fit.get("fine_tuning"),
+                  "snapshot": {"iteration": iteration, "model": str(path),
+                               "note": f"intermediate checkpoint evaluated on {plan.snapshot_samples} samples of run "
+                                       "seed 0: a reduced sample count, not comparable with the full rows"},
+                  "nfe_counted": stats["nfe_counted"], "versions": versions(), "git_revision": git_revision(),
+                  "ended_at": now(), "command": plan.command}
+        write_record(out_path, record)
+        written.append(out_path)
+        console.print(f"{record['display']} NFE {nfe} checkpoint it {iteration}: FID {record['metrics']['fid']:.3f} "
+                      f"(n={plan.snapshot_samples})")
     return written

@@ -28,6 +28,9 @@ class FitContext:
     progress: Callable | None = None  # progress_bar(description, total) context manager
     teacher_id: str = ""
     devices: int = 1
+    # > 0: fine-tuning methods that support it write an intermediate checkpoint every this many iterations
+    # (training.save_snapshot); it observes the fit, so it is not part of any config hash
+    snapshot_every: int = 0
 
 
 @dataclass

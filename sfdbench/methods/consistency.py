@@ -75,6 +75,7 @@ from sfdbench.methods.training import (
     per_sample_flops,
     read_fit,
     sanitize_gradients,
+    save_snapshot,
     save_student,
     train_loop,
 )
@@ -494,14 +495,20 @@ class ConsistencyMethod(Method):
                     "real_images": real}
 
         lr = warmup_lr(hp["lr"], hp["warmup_fraction"], hp["iterations"])
+        sampling = {"sampler": "consistency", "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
+                    "sigma_data": hp["sigma_data"], "tau_mid": TAU_MID, "nfe": 1,
+                    "tau_rule": "tau_k = sigma_max (tau_mid / sigma_max)^(2k / NFE)"}
+
+        def snapshot(iteration, accounting, log):  # the evaluation EMA, as the finished fit saves it
+            save_snapshot(workdir, iteration, ema, self.name, suite.name, hp, sampling, accounting, log,
+                          weights="evaluation EMA", real_images_used=log["real_images"])
+
         accounting, log = train_loop(workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp), lr, device,
                                      suite.latent_shape, f"fit {self.name} (all NFEs)", ctx.progress, step,
                                      conditioning=suite.training_conditioning, devices=ctx.devices,
                                      extra_state={"target": target, "ema": ema},
-                                     student_flops_per_sample=fwd_bwd + fwd)
-        sampling = {"sampler": "consistency", "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
-                    "sigma_data": hp["sigma_data"], "tau_mid": TAU_MID, "nfe": 1,
-                    "tau_rule": "tau_k = sigma_max (tau_mid / sigma_max)^(2k / NFE)"}
+                                     student_flops_per_sample=fwd_bwd + fwd, snapshot=snapshot,
+                                     snapshot_every=ctx.snapshot_every)
         done = (log.get("stopped_at_budget") or {}).get("iteration", hp["iterations"])
         save_student(workdir, ema, self.name, suite.name, hp, sampling, accounting, log,
                      loss=self.loss_description(hp), distance=self.loss_description(hp),

@@ -40,6 +40,7 @@ from sfdbench.methods.training import (
     load_student,
     read_fit,
     sanitize_gradients,
+    save_snapshot,
     save_student,
     train_loop,
 )
@@ -366,13 +367,17 @@ def train_sfd(ctx: FitContext, hp: dict, method: str = "sfd") -> None:
         return sfd_iteration(model, counted_teacher, optimizer, latents, sigmas, cfg, student_cond=cond,
                              teacher_cond=cond, lpips=lpips, fp16=fp16)
 
-    accounting, log = train_loop(ctx.workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
-                                 learning_rate(hp), ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}",
-                                 ctx.progress, step, conditioning=suite.training_conditioning, devices=ctx.devices,
-                                 data_parallel=True)
     sampling = {"solver": "euler", "afs": hp["afs"], "schedule": hp["schedule"], "rho": hp["rho"],
                 "num_steps": hp["num_steps"], "sigma_min": hp["sigma_min"], "sigma_max": hp["sigma_max"],
                 "nfe": ctx.nfe}
+
+    def snapshot(iteration, accounting, log):
+        save_snapshot(ctx.workdir, iteration, student, method, suite.name, hp, sampling, accounting, log)
+
+    accounting, log = train_loop(ctx.workdir, student, ctx.teacher, LoopSettings.from_hyperparameters(hp),
+                                 learning_rate(hp), ctx.device, suite.latent_shape, f"fit {method} NFE {ctx.nfe}",
+                                 ctx.progress, step, conditioning=suite.training_conditioning, devices=ctx.devices,
+                                 data_parallel=True, snapshot=snapshot, snapshot_every=ctx.snapshot_every)
     save_student(ctx.workdir, student, method, suite.name, hp, sampling, accounting, log)
 
 

@@ -173,7 +173,9 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
                devices: int = 1, extra_state: dict[str, torch.nn.Module] | None = None,
                student_flops_per_sample: int | None = None,
                parameters: list[torch.nn.Parameter] | None = None,
-               data_parallel: bool = False) -> tuple[Accounting, dict]:
+               data_parallel: bool = False,
+               snapshot: Callable[[int, Accounting, dict], None] | None = None,
+               snapshot_every: int = 0) -> tuple[Accounting, dict]:
     """Run ``settings.iterations`` iterations of ``step``, resuming from ``workdir/checkpoint.pt``
     and writing it atomically every ``settings.checkpoint_every`` iterations.
 
@@ -200,7 +202,11 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
     masks are drawn for the global batch and sliced, and gradients are averaged over processes before
     every optimiser step; counts and FLOPs are summed over processes, so the fit equals the
     single-process fit up to float summation order. Only process 0 writes the checkpoint. Without
-    ``data_parallel`` the loop must run in one process (the runner fits such methods on process 0)."""
+    ``data_parallel`` the loop must run in one process (the runner fits such methods on process 0).
+
+    ``snapshot_every`` > 0: after every ``snapshot_every``-th iteration but the last, ``snapshot(iteration,
+    accounting so far, log)`` (intermediate checkpoints for the FID-against-compute curves; they observe
+    the fit and never change it)."""
     if parallel.world() > 1 and not data_parallel:
         raise RuntimeError(f"{description}: this fit cannot be split over processes; fit it on one process "
                            "(sfdbench.parallel.solo)")
@@ -225,8 +231,13 @@ def train_loop(workdir: Path, student: torch.nn.Module, teacher: Denoiser, setti
     shape = (settings.batch, *latent_shape)
     progress = progress or null_progress
     try:
+        def accounting_now() -> Accounting:
+            return Accounting(watch.seconds, device_name(device), max(devices, parallel.world()),
+                              float(counted_flops(log)))
+
         _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log,
-                 watch, ckpt_path, progress, description, student_calls, extra_state)
+                 watch, ckpt_path, progress, description, student_calls, extra_state,
+                 (snapshot, snapshot_every, accounting_now) if snapshot is not None and snapshot_every > 0 else None)
     finally:
         student_calls.remove()
     return Accounting(watch.seconds, device_name(device), max(devices, parallel.world()),
@@ -241,7 +252,7 @@ def counted_flops(log: dict) -> float:
 
 
 def _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log, watch,
-             ckpt_path, progress, description, student_calls, extra_state) -> None:
+             ckpt_path, progress, description, student_calls, extra_state, snapshots=None) -> None:
     shared_optimizer = parallel.GradientAveraging(optimizer) if parallel.world() > 1 else optimizer
     with progress(description, settings.iterations) as advance:
         advance(start_it)
@@ -277,6 +288,8 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
                 break
             if (it + 1) % settings.checkpoint_every == 0 and it + 1 < settings.iterations:
                 _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log, extra_state)
+            if snapshots is not None and (it + 1) % snapshots[1] == 0 and it + 1 < settings.iterations:
+                snapshots[0](it + 1, snapshots[2](), log)
 
 
 def _sharded(rows: slice, total: int):
@@ -362,6 +375,25 @@ def _write_student(workdir: Path, student: torch.nn.Module, method: str, suite: 
            "device": accounting.device, "devices": accounting.devices, "loss": hp.get("loss"), **extra}
     atomic_write_bytes(workdir / "fit.json", (json.dumps(fit, indent=2) + "\n").encode())
     (workdir / "checkpoint.pt").unlink(missing_ok=True)
+
+
+SNAPSHOTS = "snapshots"  # intermediate checkpoints: <model folder>/snapshots/it<iteration>/model.safetensors
+
+
+def save_snapshot(workdir: Path, iteration: int, student: torch.nn.Module, method: str, suite: str, hp: dict,
+                  sampling: dict, accounting: Accounting, log: dict, **extra) -> None:
+    """An intermediate checkpoint of a fit: the same files as a finished fit (``save_student``), in
+    ``workdir/snapshots/it<iteration>/``, with the accounting up to that iteration."""
+    save_student(Path(workdir) / SNAPSHOTS / f"it{iteration:06d}", student, method, suite, hp, sampling, accounting,
+                 json.loads(json.dumps(log)), snapshot_iteration=iteration,
+                 **{"teacher_trajectories": iteration * hp["batch"], **extra})
+
+
+def snapshot_models(model: Path) -> list[tuple[int, Path]]:
+    """(iteration, model file) of every intermediate checkpoint beside ``model``, in order."""
+    folder = Path(model).parent / SNAPSHOTS
+    found = [(int(d.name[2:]), d / "model.safetensors") for d in folder.glob("it*") if fit_done(d)]
+    return sorted(found)
 
 
 def fit_done(workdir: Path) -> bool:

@@ -44,13 +44,13 @@ def table_caption(suite: str, records: pd.DataFrame) -> str:
     return caption.strip()
 
 
-def write_plot(suite: str, table: pd.DataFrame, target: Path) -> list[Path]:
-    """The FID-vs-fine-tuning plot as PNG and PDF in ``target``."""
+def write_plot(suite: str, table: pd.DataFrame, target: Path, curves: pd.DataFrame | None = None) -> list[Path]:
+    """The FID-vs-fine-tuning plot as PNG and PDF in ``target`` (``curves``: intermediate checkpoints)."""
     import matplotlib.pyplot as plt
 
     from sfdbench.report.plots import fid_vs_finetuning
 
-    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time")
+    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time", curves)
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()

@@ -22,11 +22,13 @@ def time_shift(hours: pd.Series) -> float:
     return 10 ** math.floor(math.log10(positive.min())) if len(positive) else 1.0
 
 
-def fid_vs_finetuning(table: pd.DataFrame, title: str):
+def fid_vs_finetuning(table: pd.DataFrame, title: str, curves: pd.DataFrame | None = None):
     """Figure: x = fine-tuning device-hours + shift (log), y = FID; one marker per method,
     filled = measured (with seed std), hollow = published, NFE next to each point, the
     solver-based and distillation regions shaded; rows of one method and NFE at several compute
-    budgets joined by a dashed line (FID against compute)."""
+    budgets joined by a dashed line (FID against compute); ``curves`` (``records.load_curves``): each
+    fit's intermediate checkpoints as a dotted line of small markers, FID on a reduced sample count
+    against the compute spent up to the checkpoint, labelled as such."""
     table = table.dropna(subset=["fid_mean"]).copy()
     table["fine_tuning_hours"] = table["fine_tuning_hours"].fillna(0.0).astype(float)
     shift = time_shift(table["fine_tuning_hours"])
@@ -64,6 +66,7 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
         if part["x"].nunique() > 1:
             part = part.sort_values("x")
             ax.plot(part["x"], part["fid_mean"], ls="--", lw=0.8, color="#777777", zorder=2)
+    _draw_curves(ax, curves, shift)
     ax.set_xscale("log")
     if table["fid_mean"].max() / max(table["fid_mean"].min(), 1e-9) > 30:
         ax.set_yscale("log")
@@ -75,3 +78,17 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _draw_curves(ax, curves: pd.DataFrame | None, shift: float) -> None:
+    """Intermediate checkpoints: one dotted line per (method, NFE, guidance), ordered by iteration."""
+    if curves is None or curves.empty:
+        return
+    cmap = plt.get_cmap("Dark2")
+    done = curves.dropna(subset=["fid", "fine_tuning_hours"])
+    for i, ((_method, display, nfe, _w), part) in enumerate(done.groupby(["method", "display", "nfe", "guidance"],
+                                                                          sort=False)):
+        part = part.sort_values("iteration")
+        n = int(part["n_samples"].max())
+        ax.plot(part["fine_tuning_hours"].astype(float) + shift, part["fid"], ls=":", marker=".", ms=4, lw=1,
+                color=cmap(i % 8), zorder=2, label=f"{display} NFE {nfe}: checkpoints (n={n}, reduced)")
