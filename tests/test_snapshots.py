@@ -66,3 +66,17 @@ def test_bad_snapshot_settings_are_refused(tmp_path):
     with pytest.raises(BadInput, match="--snapshot-every"):
         run(_plan(tmp_path / "x", snapshot_every=-1))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_pd_snapshots_come_from_the_last_round_with_the_whole_chains_cost(tmp_path):
+    plan = RunPlan(suite="digits", grid=[("pd", 2)], seeds=[0], samples=60, out=tmp_path, batch=60, snapshot_every=2,
+                   snapshot_samples=40,
+                   method_overrides={"pd": {"start_steps": 8, "iterations": 4, "batch": 16, "checkpoint_every": 2}})
+    (record,) = run(plan)
+    final = json.loads(record.read_text())
+    curves = load_curves(tmp_path, "digits")
+    assert list(curves["iteration"]) == [2]  # rounds 8 -> 4 -> 2; a checkpoint halfway through the last
+    last = final["fit_info"]["stages"][-1]["flops"]
+    flops, total = float(curves["fine_tuning_flops"].iloc[0]), final["fine_tuning"]["flops"]
+    assert flops == pytest.approx(total - last / 2, rel=1e-6)  # all of round 1, half of round 2

@@ -71,6 +71,7 @@ from sfdbench.methods.training import (
     per_sample_flops,
     read_fit,
     sanitize_gradients,
+    save_snapshot,
     save_student,
     train_loop,
 )
@@ -403,7 +404,12 @@ class PDMethod(Method):
                 report = read_fit(sdir)["stage"]
                 student = None
             else:
-                student, report = self.train_stage(ctx, hp, stage, len(stages), data, previous, budget_left, sdir)
+                before = None  # the cost before the last stage: its checkpoints report the whole fit's so far
+                if stage is stages[-1]:
+                    before = ((pool["cost"]["wall_seconds"] if pool else 0.0) + sum(r["wall_seconds"] for r in reports),
+                              spent)
+                student, report = self.train_stage(ctx, hp, stage, len(stages), data, previous, budget_left, sdir,
+                                                   before)
             reports.append(report)
             spent += report["flops"]
             previous = sdir / "model.safetensors"
@@ -456,7 +462,10 @@ class PDMethod(Method):
         return max(1, min(planned, int(share // per_iteration))), None
 
     def train_stage(self, ctx: FitContext, hp: dict, stage: Stage, stages_total: int, data: TrainingImages,
-                    previous: Path | None, budget_left: float | None, sdir: Path) -> tuple[torch.nn.Module, dict]:
+                    previous: Path | None, budget_left: float | None, sdir: Path,
+                    before: tuple | None = None) -> tuple[torch.nn.Module, dict]:
+        """One stage; ``before`` (last stage only): (wall seconds, FLOPs) spent by the earlier stages,
+        so that intermediate checkpoints (``ctx.snapshot_every``) report the fit's cost up to them."""
         suite, device = ctx.suite, torch.device(ctx.device)
         setup = Stopwatch()  # building the stage's networks and sizing it count as the stage's wall time
         teacher, student = self.stage_teacher_student(ctx, hp, stage, previous)
@@ -506,10 +515,17 @@ class PDMethod(Method):
         settings = LoopSettings(iterations, hp["batch"], hp["fit_seed"] * 1000 + stage.index, hp["checkpoint_every"],
                                 hp["precision"], loop_budget)
         what = "w-conditioned stage" if guide_stage else f"round {2 * n} -> {n} steps"
+        def snapshot(iteration, accounting, log):  # the final stage's student samples at the fit's NFE
+            so_far = Accounting(before[0] + setup_seconds + accounting.wall_seconds, accounting.device,
+                                accounting.devices, before[1] + accounting.flops)
+            save_snapshot(ctx.workdir, iteration, student, self.name, suite.name, hp, self.sampling(hp, ctx.nfe),
+                          so_far, log, stage=stage.index)
+
         accounting, log = train_loop(sdir, student, teacher, settings, lr, device, suite.latent_shape,
                                      f"fit {self.name} NFE {ctx.nfe}: {what} ({stage.index + 1}/{stages_total})",
                                      ctx.progress, step, conditioning=suite.training_conditioning,
-                                     devices=ctx.devices)
+                                     devices=ctx.devices, snapshot=snapshot if before is not None else None,
+                                     snapshot_every=ctx.snapshot_every)
         accounting.wall_seconds += setup_seconds
         run = (log.get("stopped_at_budget") or {}).get("iteration", iterations)
         planned = hp["guidance_iterations"] if guide_stage else hp["iterations"]
