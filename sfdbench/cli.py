@@ -142,7 +142,8 @@ def run_cmd(suite: str = typer.Option("digits", help="suite name (see `sfdbench 
                                               "(uint8 images, sample indices, conditioning) under "
                                               "OUT/SUITE/samples/"),
             snapshot_every: int = typer.Option(0, help="FID against compute as training proceeds: fine-tuning "
-                                               "fits (SFD, CD, ECT) keep a checkpoint every N iterations, each "
+                                               "fits (SFD, PD's last round, CD, ECT) keep a checkpoint every N "
+                                               "iterations, each "
                                                "evaluated on --snapshot-samples samples (drawn by `sfdbench plot`)"),
             snapshot_samples: int = typer.Option(200, help="samples per intermediate-checkpoint evaluation"),
             devices: int | None = typer.Option(None, help="start K processes with torchrun (one per GPU with "
