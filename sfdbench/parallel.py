@@ -108,12 +108,14 @@ def sum_over_processes(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def max_over_processes(value: float) -> float:
+def max_over_processes(values):
+    """The maximum over all processes of a number, or element-wise of a list of numbers (one all-reduce)."""
     if world() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+        return values
+    single = not isinstance(values, list | tuple)
+    t = torch.tensor([values] if single else list(values), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return float(t[0]) if single else t.cpu().tolist()
 
 
 def gather_to_main(obj):

@@ -274,8 +274,10 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
             teacher_n, student_n, real, bad = parallel.sum_over_processes(
                 [counted.samples, student_calls.samples, int(out.get("real_images", 0)), out["bad_gradients"]])
             log["bad_gradients"] += int(bad)
-            log["nan_loss_iterations"] += int(out["loss_nan"])
-            log["last_loss_nan"] = parallel.max_over_processes(float(math.isnan(out["losses"][-1]))) > 0
+            any_nan, last_nan = parallel.max_over_processes([float(out["loss_nan"]),
+                                                             float(math.isnan(out["losses"][-1]))])
+            log["nan_loss_iterations"] += int(any_nan > 0)
+            log["last_loss_nan"] = last_nan > 0  # every process falls back to fp32 together
             log["teacher_evaluations"] += int(teacher_n)
             log["student_evaluations"] += int(student_n)
             student_calls.samples = 0
