@@ -107,6 +107,7 @@ class LatentSuite(Suite):
         self.clip_loader = None  # tests: a callable () -> metrics.clip_score.ClipModel
         self.feature_space_factory = None  # tests: a callable () -> FeatureSpace (default Inception-v3)
         self.dinov2_factory = None
+        self._spaces: dict = {}  # feature spaces, built once per suite object
 
     # ---------------------------------------------------------------- teacher
 
@@ -284,12 +285,16 @@ class LatentSuite(Suite):
     # ---------------------------------------------------------------- evaluation (streaming)
 
     def feature_space(self):
-        if self.feature_space_factory is not None:
-            return self.feature_space_factory()
-        from sfdbench.metrics.features import inception_feature_space
+        """Inception-v3 (torch-fidelity ``inception-v3-compat``), built once per suite object."""
+        if "inception" not in self._spaces:
+            if self.feature_space_factory is not None:
+                self._spaces["inception"] = self.feature_space_factory()
+            else:
+                from sfdbench.metrics.features import inception_feature_space
 
-        asset = get_asset("inception-v3-compat")
-        return inception_feature_space(locate(asset) or asset.require(self.name))
+                asset = get_asset("inception-v3-compat")
+                self._spaces["inception"] = inception_feature_space(locate(asset) or asset.require(self.name))
+        return self._spaces["inception"]
 
     def reference(self):
         from sfdbench.metrics.reference import ReferenceStats
@@ -317,14 +322,17 @@ class LatentSuite(Suite):
 
     def dinov2_space(self):
         """DINOv2 ViT-L/14 feature space when its weights and a DINOv2 reference exist, else None."""
-        if self.dinov2_factory is not None:
-            return self.dinov2_factory()
-        path = locate(get_asset("dinov2-vitl14"))
-        if path is None or not self.reference_path("dinov2-vitl14").is_file():
-            return None
-        from sfdbench.metrics.dinov2 import dinov2_feature_space
+        if "dinov2" not in self._spaces:
+            path = locate(get_asset("dinov2-vitl14"))
+            if self.dinov2_factory is not None:
+                self._spaces["dinov2"] = self.dinov2_factory()
+            elif path is None or not self.reference_path("dinov2-vitl14").is_file():
+                self._spaces["dinov2"] = None
+            else:
+                from sfdbench.metrics.dinov2 import dinov2_feature_space
 
-        return dinov2_feature_space(path)
+                self._spaces["dinov2"] = dinov2_feature_space(path)
+        return self._spaces["dinov2"]
 
     @torch.no_grad()
     def summarize(self, images_u8: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:

@@ -225,6 +225,57 @@ class PaperSuite(Suite):
         metrics["fd_dinov2"] = fid_from_statistics(fid_statistics(features), reference.fid_stats())
         return metrics
 
+    # ---------------------------------------------------------------- streaming evaluation
+
+    def summarize(self, images_u8: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        """Per-sample rows of one batch: Inception pool3 features (float32 [B, 2048]; the extractor's float32
+        output, so nothing is lost) and, with ``--reference-images``, DINOv2 CLS features ([B, 1024]). The
+        sampler keeps these rows (8 KiB per sample), never the images."""
+        from sfdbench.metrics.images import validate_images
+
+        space = self._streaming_space("inception", self.feature_space)
+        images_u8 = validate_images(images_u8, space)
+        rows = {"inception": space.features(images_u8, self.device).to(torch.float32)}
+        if self.reference_images is not None:
+            dino = self._streaming_space("dinov2", self.dinov2_space)
+            rows["dinov2"] = dino.features(images_u8, self.device).to(torch.float32)
+        return rows
+
+    def _streaming_space(self, key: str, make):
+        """One feature space (and extractor) per suite object for every batch, not one per batch."""
+        cache = self.__dict__.setdefault("_streaming_spaces", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def evaluate_summaries(self, rows: dict[str, torch.Tensor]) -> dict:
+        """The metrics of ``evaluate`` from the rows of every sample (same numbers: FID, and with reference
+        images KID, precision / recall / density / coverage at k = 5 and FD-DINOv2)."""
+        from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics_from_features
+        from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
+
+        feats = rows["inception"].to(torch.float64)
+        n = feats.shape[0]
+        if n < 2:
+            raise BadInput(f"FID needs at least 2 samples, got {n}; generate more samples")
+        space = self.feature_space()
+        if self.reference_images is None:
+            metrics = compute_metrics_from_features(feats, self.reference(), ("fid",), space=space)
+            others = [m for m in IMAGE_METRICS if m != "fid"]
+            metrics.update({m: None for m in [*others, "kid_std", "fd_dinov2"]})
+            metrics["notes"] = (f"{', '.join(others)} and fd_dinov2 unavailable: EDM's reference statistics hold "
+                                "only Inception mu/sigma and no DINOv2 statistics of the training set are published "
+                                "for this suite; pass --reference-images with the dataset's images")
+            return metrics
+        if n < 6:
+            raise BadInput(f"precision/recall/density/coverage with k=5 need at least 6 samples, got {n}; generate "
+                           "more samples or lower k")
+        metrics = compute_metrics_from_features(feats, self.reference(), IMAGE_METRICS, k=5, space=space)
+        reference = self._images_reference(self.dinov2_space())
+        metrics["fd_dinov2"] = fid_from_statistics(fid_statistics(rows["dinov2"].to(torch.float64)),
+                                                   reference.fid_stats())
+        return metrics
+
     def metric_protocol(self) -> dict:
         from sfdbench.metrics.evaluate import protocol
 
