@@ -80,19 +80,20 @@ def write_ldm(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_sd(folder: Path, seed: int = 0) -> Path:
+def write_sd(folder: Path, seed: int = 0, latent: int = 8, vae_blocks: int = 2) -> Path:
+    """The tiny SD pipeline: latents 4 x latent x latent, images of latent * 2^(vae_blocks - 1) pixels."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+    unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
                                 attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks, block_out_channels=(8,) * vae_blocks,
+                        latent_channels=4, norm_num_groups=4, sample_size=latent * 2 ** (vae_blocks - 1))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
                                         bos_token_id=512, eos_token_id=513, pad_token_id=513))
