@@ -112,17 +112,20 @@ def test_registry():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     assert set(ASSETS) == {"edm-cifar10-teacher", "cifar10-fid-ref", "edm-imagenet64-teacher", "imagenet64-fid-ref",
-                           "inception-v3-compat", "dinov2-vitl14"}
+                           "inception-v3-compat", "dinov2-vitl14", "ms-coco-captions-30k", "clip-vit-g14-laion2b"}
     inception = ASSETS["inception-v3-compat"]
     assert inception.url == URL_INCEPTION_V3 and inception.sha256_prefix == "6726825d" and inception.torch_hub
     assert ASSETS["dinov2-vitl14"].url.endswith("/dinov2_vitl14/dinov2_vitl14_pretrain.pth")
     assert not ASSETS["dinov2-vitl14"].pinned
     for key, asset in ASSETS.items():
-        assert asset.key == key and asset.kind in assets.KINDS and set(asset.suites) <= {"cifar10", "imagenet64"}
+        assert asset.key == key and asset.kind in assets.KINDS
+        assert set(asset.suites) <= {"cifar10", "imagenet64", "lsun_bedroom", "ms_coco"}
         assert asset.url.startswith("https://") and asset.url.endswith("/" + asset.filename)
     assert len({a.filename for a in ASSETS.values()}) == len(ASSETS)
     assert [a.key for a in assets.assets_for_suite("cifar10")] == [
         "edm-cifar10-teacher", "cifar10-fid-ref", "inception-v3-compat", "dinov2-vitl14"]
+    assert [a.key for a in assets.assets_for_suite("ms_coco")] == [
+        "inception-v3-compat", "ms-coco-captions-30k", "clip-vit-g14-laion2b"]
     assert assets.assets_for_suite("digits") == []
 
 

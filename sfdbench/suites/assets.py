@@ -31,7 +31,7 @@ from pathlib import Path
 from sfdbench.errors import BadInput, MissingAsset
 from sfdbench.io import atomic_write_bytes, cache_dir, sha256_file
 
-KINDS = ("teacher", "fid-ref", "feature-weights")
+KINDS = ("teacher", "fid-ref", "feature-weights", "captions")
 SIDECAR_SUFFIX = ".sha256"
 PART_SUFFIX = ".part"
 USER_AGENT = "sfdbench (urllib)"
