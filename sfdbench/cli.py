@@ -407,7 +407,7 @@ def check_cmd(suite: str = typer.Option("digits"),
         table.add_row(r["method"], str(r["nfe"]), f"{r['guidance']:g}", r["metric"], f"{r['reference']:.3f}",
                       f"{r['fresh']:.3f}", f"{r['delta']:+.3f}", f"{r['max_abs_paired']:.3f}",
                       f"{r['tolerance']:.3f}", r["rule"], f"[{color}]{r['status']}[/{color}]")
-    out.print(table)
+    Console(width=max(out.width, 150)).print(table)  # CI logs are not terminals: never truncate the cells
     if failed(comparison):
         out.print("[red]regression: a metric moved beyond its tolerance (or a configuration changed; "
                   "regenerate references with --update-reference if that was intended)[/red]")

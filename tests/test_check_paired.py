@@ -87,3 +87,26 @@ def test_bad_tolerance_file_is_bad_input(tmp_path):
     with pytest.raises(BadInput):
         load_tolerances(tmp_path, "digits")
     assert load_tolerances(tmp_path, "digits-cond") == {}  # absent: every row unpaired
+
+
+def test_check_command_measures_tolerances_then_gates_paired(cli, tmp_path):
+    from sfdbench.records import read_record, record_path, write_record
+
+    ref_dir, fresh_dir, planted_dir = tmp_path / "ref", tmp_path / "fresh", tmp_path / "planted"
+    for path in sorted((REFERENCE / "digits" / "records").glob("*.json")):
+        rec = read_record(path)
+        where = (rec["method"], rec["nfe"], rec["seed"], rec["config_hash"])
+        write_record(record_path(ref_dir, "digits", *where), rec)
+        write_record(record_path(fresh_dir, "digits", *where), rec)
+        if rec["method"] == "sfd-v":
+            rec["metrics"]["fid"] += 1.0
+        write_record(record_path(planted_dir, "digits", *where), rec)
+    args = ["check", "--suite", "digits", "--no-run", "--reference", str(ref_dir)]
+    r = cli(*args, "--results", str(fresh_dir), "--measure-tolerances")
+    assert r.returncode == 0, r.stderr
+    measured = json.loads(tolerances_path(ref_dir, "digits").read_text())
+    assert measured["rows"] and all(row["bit_identical"] for row in measured["rows"])
+    ok = cli(*args, "--results", str(fresh_dir))
+    assert ok.returncode == 0 and "paired" in ok.stdout and "unpaired" not in ok.stdout, ok.stdout
+    bad = cli(*args, "--results", str(planted_dir))
+    assert bad.returncode == 1 and "regression" in bad.stdout
