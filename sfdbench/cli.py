@@ -48,11 +48,28 @@ def teacher_inspect(path: Path = typer.Argument(..., help="an EDM network pickle
 
 
 @teacher_app.command("convert")
-def teacher_convert(path: Path = typer.Argument(..., help="an EDM network pickle (.pkl)"),
-                    out_path: Path = typer.Argument(..., help="the .safetensors to write (weights + config JSON)")):
-    """Convert an EDM pickle to safetensors (weights + its configuration); afterwards no pickle is needed."""
+def teacher_convert(path: Path = typer.Argument(..., help="an EDM network pickle (.pkl), or a CompVis LDM "
+                                                 "checkpoint (.ckpt, e.g. lsun_bedrooms model.ckpt)"),
+                    out_path: Path = typer.Argument(..., help="the .safetensors to write (weights + config JSON); "
+                                                    "for a .ckpt: the diffusers folder to write"),
+                    ema: bool = typer.Option(True, "--ema/--no-ema", help=".ckpt: use the EMA U-Net weights"),
+                    head_channels: int = typer.Option(32, help=".ckpt: channels per attention head (the LDM "
+                                                      "config's num_head_channels; 32 for LSUN-Bedroom)"),
+                    sample_size: int = typer.Option(64, help=".ckpt: latent resolution (64 for LSUN-Bedroom)")):
+    """Convert an EDM pickle to safetensors (weights + its configuration), or a CompVis LDM checkpoint to a
+    diffusers folder for the lsun_bedroom suite; neither file's code is ever run."""
     from sfdbench.networks.edm_pickle import convert_to_safetensors
 
+    if path.suffix == ".ckpt":
+        from sfdbench.networks.ldm_checkpoint import convert_ldm
+
+        if head_channels < 1 or sample_size < 1:
+            raise BadInput(f"--head-channels and --sample-size must be >= 1, got {head_channels}, {sample_size}")
+        _check_writable_dir(out_path)
+        record = convert_ldm(path, out_path, use_ema=ema, head_channels=head_channels, sample_size=sample_size)
+        out.print(f"wrote {out_path} (diffusers folder; EMA weights: {record['ema']}; "
+                  f"{len(record['inert_globals'])} non-tensor globals left unresolved)")
+        return
     if out_path.suffix != ".safetensors":
         raise BadInput(f"{out_path} must end in .safetensors")
     _check_writable_dir(out_path.parent)

@@ -75,15 +75,22 @@ def resolve_pipeline(spec, fetch_hint: str = "") -> Path:
                            f"{hint} (it is never downloaded during a run), or pass --teacher FOLDER") from None
 
 
+PIPELINE_PARTS = ("unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer")
+
+
 def folder_digest(folder: Path) -> str:
-    """sha256 over (relative path, sha256) of every weight and config file of the pipeline folder."""
+    """sha256 over (relative path, sha256) of the files the suites load: ``model_index.json`` and the
+    safetensors, JSON and text files of ``unet/``, ``scheduler/``, ``vae/`` or ``vqvae/``, ``text_encoder/``
+    and ``tokenizer/`` (other files of a hub snapshot, e.g. pickled duplicates, are not read)."""
     import hashlib
 
     from sfdbench.io import sha256_file
 
     h = hashlib.sha256()
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in
-                   (".safetensors", ".json", ".txt", ".bin", ".model"))
+    folder = Path(folder)
+    files = sorted(p for part in PIPELINE_PARTS if (folder / part).is_dir() for p in (folder / part).rglob("*")
+                   if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"))
+    files = sorted([*files, *([folder / "model_index.json"] if (folder / "model_index.json").is_file() else [])])
     for p in files:
         h.update(f"{p.relative_to(folder).as_posix()}\t{sha256_file(p.resolve())}\n".encode())
     return h.hexdigest()

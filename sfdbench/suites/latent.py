@@ -153,6 +153,8 @@ class LatentSuite(Suite):
         from sfdbench.networks.diffusers_teacher import load_diffusers_teacher
 
         folder = self.teacher_folder(path)
+        if self.text:
+            self.captions()  # sample i <-> caption i mod the list's length from here on
         captions = self.caption if self.text else None
         teacher = load_diffusers_teacher(folder, text=self.text, device=device, captions=captions)
         unet = teacher.net.unet
