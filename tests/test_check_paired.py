@@ -110,3 +110,30 @@ def test_check_command_measures_tolerances_then_gates_paired(cli, tmp_path):
     assert ok.returncode == 0 and "paired" in ok.stdout and "unpaired" not in ok.stdout, ok.stdout
     bad = cli(*args, "--results", str(planted_dir))
     assert bad.returncode == 1 and "regression" in bad.stdout
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_committed_tolerances_cover_every_row_replay_and_catch_one_fid(suite):
+    ref = load_records(REFERENCE, suite)
+    tolerances = load_tolerances(REFERENCE, suite)
+    document = json.loads(tolerances_path(REFERENCE, suite).read_text())
+    keys = {(m, int(n), float(w), metric) for (m, n, w), part in ref.fillna({"guidance": 1.0})
+            .groupby(["method", "nfe", "guidance"]) for metric in ("fid", "precision", "recall")}
+    assert keys <= set(tolerances)
+    for row in document["rows"]:  # the rule, applied to the kept measurement, gives the kept tolerance
+        assert row["tolerance"] == pytest.approx(max(document["safety_factor"] * abs(row["mean_paired_difference"]),
+                                                     document["paired_floor"][row["metric"]]))
+        assert row["mean_paired_difference"] == pytest.approx(sum(row["paired_differences"]) / len(row["seeds"]))
+    # the measured cross-machine rerun, replayed, passes
+    rerun = ref.copy()
+    for row in (r for r in document["rows"] if r["metric"] == "fid"):
+        for seed, value in zip(row["seeds"], row["rerun"]):
+            hit = ((rerun["method"] == row["method"]) & (rerun["nfe"] == row["nfe"])
+                   & (rerun["guidance"].fillna(1.0) == row["guidance"]) & (rerun["seed"] == seed))
+            rerun.loc[hit, "fid"] = value
+    assert not failed(compare(rerun, ref, tolerances))
+    # a planted 1-FID regression in each distilled method fails, paired
+    for method in set(ref["method"]) & set(DISTILLED):
+        result = compare(_shifted(ref, 1.0, [method]), ref, tolerances)
+        fid = result[(result["method"] == method) & (result["metric"] == "fid")]
+        assert set(fid["status"]) == {"regression"} and set(fid["rule"]) == {"paired"}, fid

@@ -41,9 +41,15 @@ REL_FLOOR = 0.05
 SPREAD_FACTOR = 2.0
 
 # Paired rule: tol = max(SAFETY_FACTOR x measured cross-machine |mean paired difference|, PAIRED_FLOOR).
+# One cross-machine rerun is one draw of the spread, hence the factor; the floors keep bit-identical
+# rows (the solvers) from failing on the next library's last-bit change and leave room for machines
+# that move more than the measured one (SFD rows moved up to 0.14 FID per seed between two 2-core
+# machines, README "Reproducibility across machines"). KID is torch-fidelity's raw KID on the suite's
+# features: on the digits' 64-d features it is ~50-250 and moved 15-20 x FID's paired difference in
+# the measurement (results/reference/*/tolerances.json), hence its floor of 5.
 SAFETY_FACTOR = 4.0
-PAIRED_FLOOR = {"fid": 0.2, "kid": 0.05, "precision": 0.005, "recall": 0.005, "density": 0.01,
-                "coverage": 0.005, "class_match": 0.005}
+PAIRED_FLOOR = {"fid": 0.3, "kid": 5.0, "precision": 0.01, "recall": 0.01, "density": 0.02,
+                "coverage": 0.01, "class_match": 0.01}
 TOLERANCES_FILE = "tolerances.json"
 COLUMNS = ["method", "nfe", "guidance", "metric", "reference", "fresh", "delta", "max_abs_paired", "tolerance",
            "rule", "status"]
