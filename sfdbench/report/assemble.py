@@ -30,8 +30,8 @@ def suite_table(suite: str, records: pd.DataFrame, results: Path, published: boo
 
 
 def table_caption(suite: str, records: pd.DataFrame) -> str:
-    caption = (f"{suite}: FID (mean ± std over run seeds or seed blocks where measured) and fine-tuning cost in device-hours; "
-               "published rows are the SFD paper's (A100 hours). ")
+    caption = (f"{suite}: FID (mean ± std over run seeds or seed blocks where measured) and fine-tuning cost in "
+               "device-hours; published rows are the SFD paper's (A100 hours). ")
     if not records.empty:
         if "seed_block" in records and records["seed_block"].notna().any():
             caption += ("Rows over seed blocks: block B samples noise seeds B·n … B·n+n−1 (EDM's --seeds "
