@@ -146,3 +146,12 @@ def test_bad_export_input_exits_2_with_one_line(cli, results, tmp_path):
     r = cli("export", "--suite", "digits", "--results", str(tmp_path / "empty"), "--out", str(target),
             "--no-published")
     assert r.returncode == 2 and not target.exists()
+
+
+def test_committed_example_export_renders(cli):
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "digits-seed-blocks.json"
+    r = cli("table", "--from", str(example), "--best-of-blocks")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| SFD ")]
+    assert any("3 seed blocks (0,1,2)" in line and "±" in line for line in lines)
+    assert any("best of 3 seed blocks (0,1,2)" in line for line in lines)
