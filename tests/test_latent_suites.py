@@ -103,8 +103,9 @@ def test_every_solver_sfd_and_sfd_v_run_end_to_end(name, pipelines, cache, tmp_p
     np.savez(get_suite(name).reference_path("pooled-pixels"), mu=rng.normal(size=48), sigma=a @ a.T + np.eye(48))
     out = tmp_path / "results"
     methods = [*SOLVERS, "sfd", "sfd-v"]
+    rounds = ["--set", "sfd.micro_batch=3", "--set", "sfd-v.micro_batch=3"] if name == "ms_coco" else []
     code = cli(monkeypatch, "run", "--suite", name, "--teacher", str(pipelines[name]), "--methods", ",".join(methods),
-               "--nfe", "2", "--samples", "4", "--out", str(out), *FAST)
+               "--nfe", "2", "--samples", "4", "--out", str(out), *FAST, *rounds)
     assert code == 0, capsys.readouterr().err
     recs = records(out, name)
     assert {r["method"] for r in recs} == set(methods)
@@ -121,6 +122,7 @@ def test_every_solver_sfd_and_sfd_v_run_end_to_end(name, pipelines, cache, tmp_p
         if r["group"] == "distillation":
             assert r["fine_tuning"]["flops"] > 0 and r["hyperparameters"]["schedule"] == "discrete"
             assert r["hyperparameters"]["sigma_min"] == (0.1 if guided else 0.006)
+            assert r["hyperparameters"].get("micro_batch") == (3 if guided else None)  # SD: batch 4 in rounds 3 + 1
     if guided:
         capsys.readouterr()
         assert cli(monkeypatch, "table", "--suite", name, "--results", str(out)) == 0

@@ -81,6 +81,10 @@ class SFDStepConfig:
     loss: str = "l1"
     last_step_lpips: bool = False
     vp: DiscreteVP | None = field(default=None, compare=False)
+    # trajectories per forward/backward round: the batch is processed in rounds whose gradients are accumulated
+    # before each interval's optimiser step (the SFD reference's Stable Diffusion setting: 128 trajectories per
+    # iteration in rounds of the per-GPU batch); None = the whole batch at once
+    micro_batch: int | None = None
 
 
 def teacher_targets(teacher: Denoiser, x_start: torch.Tensor, student_sigmas: torch.Tensor, cfg: SFDStepConfig,
@@ -151,7 +155,10 @@ def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.O
     interval (k = 0) has no network call and is not trained. ``student_cond`` / ``teacher_cond``
     carry the suite's conditioning (plus SFD-v's step condition); the second stage also uses an
     Euler teacher with its own AFS and ``cfg.last_step_lpips``. ``fp16`` runs the networks under
-    float16 autocast."""
+    float16 autocast. ``cfg.micro_batch`` splits the batch into rounds (``sfd_iteration_rounds``)."""
+    if cfg.micro_batch is not None and cfg.micro_batch < latents.shape[0]:
+        return sfd_iteration_rounds(student, teacher, optimizer, latents, sigmas, cfg, student_cond=student_cond,
+                                    teacher_cond=teacher_cond, lpips=lpips, fp16=fp16)
     sigmas = sigmas.to(latents.dtype)
     x = latents * sigmas[0]
     with _autocast(x.device, fp16):
@@ -175,6 +182,62 @@ def sfd_iteration(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.O
     trained = losses[int(cfg.afs):]
     return {"losses": losses, "bad_gradients": bad_grads, "loss_nan": any(math.isnan(v) for v in losses),
             "shown_loss": sum(trained)}
+
+
+def _split_cond(cond: dict | None, batch: int, sizes: list[int]) -> list[dict]:
+    """Per-round conditioning: per-sample tensors (first dim = batch) split, anything else (a scalar step
+    condition) shared."""
+    parts = [{} for _ in sizes]
+    for key, value in (cond or {}).items():
+        chunks = (value.split(sizes) if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
+                  else [value] * len(sizes))
+        for part, chunk in zip(parts, chunks):
+            part[key] = chunk
+    return parts
+
+
+def sfd_iteration_rounds(student: Denoiser, teacher: Denoiser, optimizer: torch.optim.Optimizer,
+                         latents: torch.Tensor, sigmas: torch.Tensor, cfg: SFDStepConfig, *,
+                         student_cond: dict | None = None, teacher_cond: dict | None = None,
+                         lpips: Callable | None = None, fp16: bool = False) -> dict:
+    """``sfd_iteration`` with the batch of B trajectories processed in rounds of ``cfg.micro_batch`` (the SFD
+    reference's accumulation, ``docs/algorithms.md#sfd-training-loop``): teacher targets per round; for each
+    interval the gradients of every round's loss x (round size / B) are accumulated, then one optimiser step.
+    The accumulated loss is the full batch's sum-over-pixels, mean-over-samples loss, so the update equals the
+    one-round update (up to float summation order and the student's dropout draws); memory is that of one
+    round."""
+    sigmas = sigmas.to(latents.dtype)
+    batch = latents.shape[0]
+    sizes = [min(cfg.micro_batch, batch - s) for s in range(0, batch, cfg.micro_batch)]
+    xs = list((latents * sigmas[0]).split(sizes))
+    s_conds, t_conds = _split_cond(student_cond, batch, sizes), _split_cond(teacher_cond, batch, sizes)
+    with _autocast(latents.device, fp16):
+        targets = [teacher_targets(teacher, x, sigmas, cfg, c) for x, c in zip(xs, t_conds)]
+    losses, bad_grads = [], 0
+    intervals = len(sigmas) - 1
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for k in range(intervals):
+        analytic = cfg.afs and k == 0
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for r, (x, cond, target) in enumerate(zip(xs, s_conds, targets)):
+            with _autocast(x.device, fp16):
+                x_next = student_euler_step(student, x, sigmas[k], sigmas[k + 1], analytic, **cond)
+            loss_r = interval_loss(cfg.loss, x_next, target[k], lpips)
+            if cfg.last_step_lpips and k == intervals - 1 and not analytic:
+                loss_r = loss_r + lpips_term(lpips, x_next, target[k])
+            loss_r = loss_r * (sizes[r] / batch)
+            if not analytic:
+                loss_r.backward()
+            total += float(loss_r.detach())
+            xs[r] = x_next.detach()
+        if not analytic:
+            bad_grads += sanitize_gradients(params)
+            optimizer.step()
+        losses.append(total)
+    trained = losses[int(cfg.afs):]
+    return {"losses": losses, "bad_gradients": bad_grads, "loss_nan": any(math.isnan(v) for v in losses),
+            "shown_loss": sum(trained), "rounds": len(sizes)}
 
 
 def lr_at(iteration: int, iterations: int, lr: float) -> float:
@@ -297,7 +360,9 @@ class SFDMethod(Method):
                 **dict(self.teacher_options), "iterations": self.iterations, "batch": self.batch, "lr": self.lr,
                 "lr_drop": "x0.1 at half", "loss": "l1", "optimizer": "adam(0.9,0.999,1e-8)",
                 "student_mode": "train (dropout on)", "fit_seed": self.fit_seed, "precision": "fp32",
-                "sampler": "euler", "checkpoint_every": self.checkpoint_every}
+                "sampler": "euler", "checkpoint_every": self.checkpoint_every,
+                # only where a suite sets it (the latent suites), so other suites' config hashes are unchanged
+                **({"micro_batch": None} if "micro_batch" in suite.method_options.get(self.name, {}) else {})}
 
     def hyperparameters(self, suite, nfe: int) -> dict:
         hp = super().hyperparameters(suite, nfe)
@@ -339,6 +404,9 @@ def check_training_hyperparameters(name: str, hp: dict) -> None:
         raise BadInput(f"{name}: need 0 < sigma_min < sigma_max, got {hp['sigma_min']}, {hp['sigma_max']}")
     if hp["teacher_solver"] == "ipndm" and not 1 <= hp["max_order"] <= 4:
         raise BadInput(f"{name}: an iPNDM teacher needs max_order 1-4, got {hp['max_order']}")
+    micro = hp.get("micro_batch")
+    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise BadInput(f"{name}: micro_batch must be an integer >= 1 (or null), got {micro!r}")
 
 
 def step_config(hp: dict, vp: DiscreteVP | None, m: int | None = None) -> SFDStepConfig:
@@ -346,7 +414,7 @@ def step_config(hp: dict, vp: DiscreteVP | None, m: int | None = None) -> SFDSte
     options = teacher_solver_options(hp["teacher_solver"], hp)
     return SFDStepConfig(m=hp["M"] if m is None else m, schedule=hp["schedule"], rho=hp["rho"], afs=hp["afs"],
                          teacher_solver=hp["teacher_solver"], teacher_options=tuple(options.items()),
-                         loss=hp["loss"], vp=vp)
+                         loss=hp["loss"], vp=vp, micro_batch=hp.get("micro_batch"))
 
 
 def learning_rate(hp: dict) -> Callable[[int], float]:

@@ -61,25 +61,29 @@ def latent_grid(guidance: float | None) -> tuple[GridEntry, ...]:
     )
 
 
-def latent_method_options(sfd_sigma_min: float, lr: float, accumulate_to: int | None = None) -> dict:
+def latent_method_options(sfd_sigma_min: float, lr: float, micro_batch: int | None = None) -> dict:
+    """Solvers on the ``discrete`` schedule; SFD / SFD-v: 128 trajectories per iteration, processed in rounds of
+    ``micro_batch`` (the reference's SD accumulation; None: one round, as for the LDM)."""
     solver = {**DISCRETE}
     dpm = {**DISCRETE, **LATENT_SOLVER_OPTIONS}
-    sfd = {**DISCRETE, "sigma_min": sfd_sigma_min, "lr": lr, "batch": accumulate_to or 128,
-           "precision": "fp16-autocast", "iterations": 1563}
+    sfd = {**DISCRETE, "sigma_min": sfd_sigma_min, "lr": lr, "batch": 128, "precision": "fp16-autocast",
+           "iterations": 1563, **({"micro_batch": micro_batch} if micro_batch else {})}
     return {"ddim": solver, "heun": solver, "dpm2": solver, "ipndm": solver, "ipndm_v": solver, "deis": solver,
             "dpmpp2m": dpm, "dpmpp3m": dpm, "unipc": dpm, "heun-edm": solver,
             "sfd": sfd, "sfd-v": {**sfd, "iterations": 6250}}
 
 
+SD_MICRO_BATCH = 16  # trajectories per round of the 128 per SFD iteration on Stable Diffusion (memory, not math)
 CAPTIONS_ASSET = "ms-coco-captions-30k"
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-g-14", "laion2b_s34b_b88k"
 SD_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_FETCH = (f"`hf download {SD_HUB_ID} --include 'model_index.json' 'scheduler/*' 'unet/config.json' "
             "'unet/diffusion_pytorch_model.safetensors' 'vae/config.json' 'vae/diffusion_pytorch_model.safetensors' "
             "'text_encoder/config.json' 'text_encoder/model.safetensors' 'tokenizer/*'`")
-LDM_FOLDER_HELP = ("a diffusers folder with unet/ (UNet2DModel), vqvae/ (VQModel, scaling_factor 1.0) and scheduler/ "
-                   "(DDIMScheduler, beta_schedule scaled_linear 0.0015 -> 0.0195, 1000 steps, epsilon), weights as "
-                   ".safetensors, converted from CompVis' lsun_bedrooms.zip model.ckpt + vq-f4.zip")
+LDM_FOLDER_HELP = ("download CompVis' lsun_bedrooms.zip "
+                   "(https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip, listed in latent-diffusion's "
+                   "scripts/download_models.sh), unzip it and run `sfdbench teacher "
+                   "convert model.ckpt FOLDER` (a diffusers folder, safetensors; no code from the file is run)")
 
 
 class LatentSuite(Suite):
@@ -87,13 +91,13 @@ class LatentSuite(Suite):
 
     def __init__(self, name: str, description: str, latent_shape, image_size: int, vp: DiscreteVP, *, text: bool,
                  guidance: float, sfd_sigma_min: float, lr: float, default_teacher: str | None,
-                 teacher_fetch: str, provenance: dict, samples: int):
+                 teacher_fetch: str, provenance: dict, samples: int, micro_batch: int | None = None):
         low, high = vp.sigma_range()
         grid = latent_grid(guidance if guidance != 1.0 else None)
         super().__init__(name=name, description=description, latent_shape=tuple(latent_shape), sigma_min=low,
                          sigma_max=high, default_grid=grid, default_seeds=(0,), default_samples=samples,
-                         method_options=latent_method_options(sfd_sigma_min, lr), check_grid=(), check_seeds=(0,),
-                         check_samples=samples, discrete_vp=vp, guidance=guidance)
+                         method_options=latent_method_options(sfd_sigma_min, lr, micro_batch), check_grid=(),
+                         check_seeds=(0,), check_samples=samples, discrete_vp=vp, guidance=guidance)
         self.image_size = int(image_size)
         self.text = bool(text)
         self.default_teacher = default_teacher
@@ -138,7 +142,8 @@ class LatentSuite(Suite):
                 pass
             return (f"teacher {self.default_teacher} (diffusers pipeline, safetensors): run {self.teacher_fetch}, "
                     f"or pass --teacher FOLDER")
-        return (f"teacher: {self.teacher_fetch}; put it at {self.default_teacher_folder()} or pass --teacher FOLDER")
+        return (f"teacher: {self.teacher_fetch.replace('FOLDER', str(self.default_teacher_folder()))}, or pass "
+                "--teacher FOLDER")
 
     def teacher_folder(self, path=None) -> Path:
         from sfdbench.networks.diffusers_teacher import resolve_pipeline
@@ -562,7 +567,8 @@ COCO_PROVENANCE = {
     "schedule": "discrete, rho 1; sigma range (sigma(1e-3), sigma(1)) of betas 0.00085 -> 0.012; SFD sigma_min 0.1",
     "evaluation": "30k MS-COCO val2014 captions (text2image-benchmark CSV); FID vs COCO val2014 images resized to "
                   "512; CLIP score ViT-g-14 laion2b_s34b_b88k",
-    "batch": "128 trajectories per SFD iteration",
+    "batch": "128 trajectories per SFD iteration, accumulated over rounds of 16 (the reference's SD rule: 128 / "
+             "per-GPU batch rounds)",
     "hyperparameters": "SFD lr 5e-5, 200 kimg (SFD-v 800 kimg): the reference train.py defaults; no LDM / SD launch "
                        "command is published",
 }
@@ -581,4 +587,4 @@ def ms_coco(latent_shape=(4, 64, 64), image_size: int = 512) -> LatentSuite:
     return LatentSuite("ms_coco", "MS-COCO 512x512 text-to-image, Stable Diffusion v1.5 via diffusers, CFG 7.5",
                        latent_shape, image_size, DiscreteVP.sd(), text=True, guidance=7.5, sfd_sigma_min=0.1, lr=5e-5,
                        default_teacher=SD_HUB_ID, teacher_fetch=SD_FETCH, provenance=COCO_PROVENANCE,
-                       samples=30_000)
+                       samples=30_000, micro_batch=SD_MICRO_BATCH)
