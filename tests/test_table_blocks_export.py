@@ -155,3 +155,11 @@ def test_committed_example_export_renders(cli):
     lines = [line for line in r.stdout.splitlines() if line.startswith("| SFD ")]
     assert any("3 seed blocks (0,1,2)" in line and "±" in line for line in lines)
     assert any("best of 3 seed blocks (0,1,2)" in line for line in lines)
+
+
+def test_cost_table_keeps_blocks_and_run_seeds_apart(results):
+    from sfdbench.report.tables import cost_table
+
+    table = cost_table(load_records(results, "digits"))
+    sfd = table[table["method"] == "sfd"]
+    assert sorted(sfd["display"]) == ["SFD", "SFD (seed blocks)"] and set(sfd["seeds"]) == {3}

@@ -312,6 +312,9 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
     records = named_rows(records)
+    if "seed_block" in records:  # never average seed blocks with run seeds; say which a row is over
+        blocks = records["seed_block"].notna()
+        records.loc[blocks, "display"] = records.loc[blocks, "display"] + " (seed blocks)"
     tuned = records[records["group"] == "distillation"]
     if tuned.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
