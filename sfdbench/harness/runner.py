@@ -351,6 +351,7 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
         if not parallel.is_main():  # process 0 evaluates and writes; the others go on to the next replicate
             continue
         metrics = suite.evaluate_summaries(rows)
+        reference = suite.reference_provenance()
         noise = (f"{seed}*{SEED_STRIDE} + i for i < {plan.samples}" if not extra else
                  f"{first} + i for i < {plan.samples} (seed block {seed}: samples {first}..{first + plan.samples - 1}, "
                  "EDM's --seeds convention)")
@@ -370,10 +371,11 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
                          if suite.conditional else "none",
                          "batch": plan.batch, "seconds": stats["sampling_seconds"],
                          "images_per_second": stats["images_per_second"], "device": str(device),
-                         "devices": parallel.world(),
+                         "devices": parallel.world(), "peak_memory": stats["peak_memory"],
                          **({"shards": str(shards)} if shards is not None else {})},
             "sample_grid": str(grid_path),
             **({"assets": assets} if assets else {}),
+            "reference_statistics": reference,
             **({"suite_settings_sources": suite.provenance} if getattr(suite, "provenance", None) else {}),
             "versions": versions(), "git_revision": git_revision(), "started_at": started, "ended_at": now(),
             "command": plan.command,

@@ -10,6 +10,7 @@ import torch
 from sfdbench import parallel
 from sfdbench.diffusion.denoiser import ClassifierFreeGuidance, CountingDenoiser
 from sfdbench.methods.base import Fitted
+from sfdbench.methods.training import peak_memory
 from sfdbench.metrics.images import to_uint8
 from sfdbench.suites.base import collate
 
@@ -62,9 +63,15 @@ def _sample_batch(fitted: Fitted, suite, sampler_view, run_seed: int, start: int
     return to_uint8(images.float().cpu()), cond, seconds
 
 
-def _stats(network_calls: float, sampler_calls: float, n: int, seconds: float) -> dict:
+def _stats(network_calls: float, sampler_calls: float, n: int, seconds: float, device=None) -> dict:
     return {"nfe_counted": network_calls / n, "sampler_nfe": sampler_calls / n, "sampling_seconds": seconds,
-            "images_per_second": n / seconds if seconds > 0 else None}
+            "images_per_second": n / seconds if seconds > 0 else None,
+            **({"peak_memory": peak_memory(torch.device(device))} if device is not None else {})}
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
 
 
 @torch.no_grad()
@@ -107,6 +114,7 @@ def generate_rows(fitted: Fitted, suite, run_seed: int, n: int, batch: int = 500
     is also written as ``batch{j:06d}.npz`` (``images`` uint8, ``index``, conditioning) by the process
     that made it, for external tools."""
     network, sampler_view = _counting_views(fitted, suite, guidance)
+    reset_peak_memory(device)
     mine, seconds = [], 0.0
     starts = list(range(0, n, batch))
     for j in range(parallel.rank(), len(starts), parallel.world()):
@@ -121,7 +129,8 @@ def generate_rows(fitted: Fitted, suite, run_seed: int, n: int, batch: int = 500
             advance(sum(min(batch, n - starts[i]) for i in range(round_start, min(round_start + parallel.world(),
                                                                                    len(starts)))))
     network_calls, sampler_calls = parallel.sum_over_processes([network.samples, sampler_view.samples])
-    stats = _stats(network_calls, sampler_calls, n, parallel.max_over_processes(seconds))
+    stats = _stats(network_calls, sampler_calls, n, parallel.max_over_processes(seconds), device)
+    stats["peak_memory"]["batch"] = batch  # per process: one batch in flight at a time
     gathered = parallel.gather_to_main(mine)
     if gathered is None:
         return None, stats

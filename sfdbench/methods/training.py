@@ -254,6 +254,8 @@ def counted_flops(log: dict) -> float:
 def _iterate(settings, lr, optimizer, student, teacher, device, shape, conditioning, step, start_it, log, watch,
              ckpt_path, progress, description, student_calls, extra_state, snapshots=None) -> None:
     shared_optimizer = parallel.GradientAveraging(optimizer) if parallel.world() > 1 else optimizer
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with progress(description, settings.iterations) as advance:
         advance(start_it)
         for it in range(start_it, settings.iterations):
@@ -283,6 +285,7 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
             student_calls.samples = 0
             log["real_images"] += int(real)
             log["loss_last"] = out["losses"]
+            log["peak_memory"] = {**peak_memory(device), "batch_per_process": rows.stop - rows.start}
             advance(info=f"loss {out.get('shown_loss', sum(out['losses'])):.3f}")
             if settings.budget_flops is not None and counted_flops(log) >= settings.budget_flops:
                 log["stopped_at_budget"] = {"iteration": it + 1, "flops": counted_flops(log),
@@ -292,6 +295,21 @@ def _iterate(settings, lr, optimizer, student, teacher, device, shape, condition
                 _save_checkpoint(ckpt_path, student, optimizer, it + 1, watch.seconds, log, extra_state)
             if snapshots is not None and (it + 1) % snapshots[1] == 0 and it + 1 < settings.iterations:
                 snapshots[0](it + 1, snapshots[2](), log)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: CUDA's peak allocated bytes on ``device`` (since the last
+    ``torch.cuda.reset_peak_memory_stats``), else the process's peak resident set size (Linux
+    ``ru_maxrss``, since it started)."""
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "what": "torch.cuda.max_memory_allocated"}
+    try:
+        import resource
+
+        return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+                "what": "host peak RSS of the process (ru_maxrss)"}
+    except (ImportError, OSError):
+        return {"bytes": None, "what": "unavailable"}
 
 
 def _sharded(rows: slice, total: int):

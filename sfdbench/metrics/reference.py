@@ -62,6 +62,16 @@ class ReferenceStats:
     def fid_stats(self) -> dict:
         return {"mu": self.mu, "sigma": self.sigma}
 
+    def sha256(self) -> str:
+        """Content hash of what FID is measured against: sha256 of mu then sigma as little-endian
+        float64 bytes (the same for a file and for statistics computed in memory)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for array in (self.mu, self.sigma):
+            h.update(np.ascontiguousarray(array, dtype="<f8").tobytes())
+        return h.hexdigest()
+
     @classmethod
     def from_features(cls, features: torch.Tensor, meta: dict | None = None, prdc_reference_size: int | None = None,
                       seed: int = 0, source: str = "in-memory reference") -> ReferenceStats:

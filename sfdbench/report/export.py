@@ -90,14 +90,15 @@ def _resize(protocol: dict) -> str:
     return "none (the feature network takes the samples at their own resolution)"
 
 
-def _reference_statistics(protocol: dict, assets: dict) -> dict:
+def _reference_statistics(protocol: dict, assets: dict, recorded: dict | None = None) -> dict:
+    """``recorded``: the records' ``reference_statistics`` (content hash of mu and sigma), when present."""
     refs = {k: v for k, v in (assets or {}).items() if "ref" in k}
+    file_hash = _one_or_all([v.get("sha256") for v in refs.values()]) if refs else None
     return {"description": protocol.get("reference_set"), "n_reference": protocol.get("n_reference"),
-            "sha256": _one_or_all([v.get("sha256") for v in refs.values()]) if refs else None,
-            "assets": refs or None,
-            **({} if refs else {"note": "no reference-statistics file hash in the records (an embedded suite "
-                                        "computes them from its packaged data under the feature weights "
-                                        "named in provenance.features)"})}
+            "sha256": file_hash, "assets": refs or None,
+            "statistics_sha256": (recorded or {}).get("sha256"),
+            **({} if refs or recorded else {"note": "no reference-statistics hash in the records (written before "
+                                                    "records carried one)"})}
 
 
 def _measured_provenance(recs: list[dict]) -> dict:
@@ -113,7 +114,8 @@ def _measured_provenance(recs: list[dict]) -> dict:
 
     return {
         "teacher": {"id": _one_or_all(r.get("teacher") for r in recs), "assets": first.get("assets")},
-        "reference_statistics": _reference_statistics(protocol, first.get("assets")),
+        "reference_statistics": _reference_statistics(protocol, first.get("assets"),
+                                                      first.get("reference_statistics")),
         "features": {"extractor": protocol.get("feature_extractor"), "layer": protocol.get("feature_layer"),
                      "dim": protocol.get("feature_dim"), "weights_sha256": protocol.get("feature_weights_sha256"),
                      "resize": _resize(protocol)},

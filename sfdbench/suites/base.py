@@ -165,6 +165,13 @@ class Suite:
         """What a record must say about how metrics were computed (extractor, reference, n)."""
         raise NotImplementedError
 
+    def reference_provenance(self) -> dict:
+        """What FID is measured against, for records and exports: the statistics' content hash
+        (``ReferenceStats.sha256``: mu and sigma) and where they came from."""
+        ref = self.reference()
+        return {"sha256": ref.sha256(), "source": ref.source, "dim": ref.dim,
+                "hash_of": "mu then sigma, little-endian float64"}
+
     def feature_space(self):
         """The ``metrics.features.FeatureSpace`` the suite's metrics use."""
         raise NotImplementedError
