@@ -1,6 +1,6 @@
 """Streaming evaluation of the paper suites: rows of Inception (and DINOv2) features per batch, concatenated in
-sample order, give exactly the metrics ``evaluate`` computes from all images at once; the rows are features
-(8 KiB per sample), not images."""
+sample order, give exactly the metrics the library computes from all images at once (``compute_metrics``);
+the rows are features (8 KiB per sample), not images."""
 
 from __future__ import annotations
 
@@ -9,25 +9,17 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from standin_weights import write_standin_dinov2, write_standin_inception
+from standin_weights import write_standin_dinov2
+from test_paper_suites import stand_in_asset_cache
 
+from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
+from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
 from sfdbench.suites import assets, get_suite
 
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("SFDBENCH_CACHE", str(root))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    inception = assets.ASSETS["inception-v3-compat"]
-    monkeypatch.setitem(assets.ASSETS, "inception-v3-compat", dataclasses.replace(inception, sha256_prefix=None))
-    write_standin_inception(root / "assets", filename=inception.filename)
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(2048, 64)) * 0.1
-    np.savez(assets.ASSETS["cifar10-fid-ref"].path, mu=rng.normal(size=2048) * 0.1,
-             sigma=a @ a.T + 0.01 * np.eye(2048))
-    return root
+    return stand_in_asset_cache(monkeypatch, tmp_path)
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -50,9 +42,10 @@ def test_rows_give_the_metrics_of_evaluate(cache):
     rows = streamed(suite, u8, 3)
     assert set(rows) == {"inception"} and rows["inception"].shape == (5, 2048)
     assert rows["inception"].dtype == torch.float32
-    got, expected = suite.evaluate_summaries(rows), suite.evaluate(u8)
+    got = suite.evaluate_summaries(rows)
+    expected = compute_metrics(u8, suite.reference(), suite.feature_space(), ("fid",))
     assert got["fid"] == pytest.approx(expected["fid"], rel=1e-9) and got["precision"] is None
-    assert got["notes"] == expected["notes"]
+    assert "unavailable" in got["notes"]
 
 
 def test_rows_with_reference_images_give_prdc_kid_and_fd_dinov2(cache, tmp_path, monkeypatch):
@@ -68,6 +61,10 @@ def test_rows_with_reference_images_give_prdc_kid_and_fd_dinov2(cache, tmp_path,
     u8 = images(6, 3)
     rows = streamed(suite, u8, 4)
     assert rows["dinov2"].shape == (6, 1024)
-    got, expected = suite.evaluate_summaries(rows), suite.evaluate(u8)
+    got = suite.evaluate_summaries(rows)
+    expected = compute_metrics(u8, suite.reference(), suite.feature_space(), IMAGE_METRICS, k=5)
+    dino = suite.dinov2_space()
+    expected["fd_dinov2"] = fid_from_statistics(fid_statistics(dino.features(u8)),
+                                                suite._images_reference(dino).fid_stats())
     for key in ("fid", "kid", "precision", "recall", "density", "coverage", "fd_dinov2"):
         assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key

@@ -36,6 +36,10 @@ def cli(monkeypatch, *args: str) -> int:
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
+    return stand_in_asset_cache(monkeypatch, tmp_path)
+
+
+def stand_in_asset_cache(monkeypatch, tmp_path):
     """An asset cache with stand-in Inception weights (unpinned: they are not the real file) and
     tiny EDM-style reference statistics for both suites."""
     root = tmp_path / "cache"

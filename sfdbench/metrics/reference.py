@@ -214,15 +214,18 @@ def load_image_npz(path: Path) -> torch.Tensor:
     return torch.from_numpy(_to_nchw(images, f"images in {path}"))
 
 
-def list_image_files(directory: Path) -> list[Path]:
-    """The PNGs under ``directory`` (recursively, as EDM's ``--subdirs`` writes them), sorted by relative path."""
+def list_image_files(directory: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+                     what: str = "reference images") -> list[Path]:
+    """The images (by ``suffixes``; default PNG) under ``directory``, recursively (as EDM's ``--subdirs``
+    writes them), sorted by relative path; at least 2 (bad input otherwise)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BadInput(f"reference images {directory} is not a directory or an .npz file")
-    files = sorted((p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        raise BadInput(f"{what} {directory} is not a directory" + (" or an .npz file" if what == "reference images"
+                                                                    else " of images"))
+    files = sorted((p for p in directory.rglob("*") if p.suffix.lower() in suffixes and p.is_file()),
                    key=lambda p: p.relative_to(directory).as_posix())
     if len(files) < 2:
-        raise BadInput(f"reference images {directory} hold {len(files)} .png file(s); need at least 2")
+        raise BadInput(f"{what} {directory} hold {len(files)} {'/'.join(suffixes)} file(s); need at least 2")
     return files
 
 

@@ -488,14 +488,10 @@ def build_reference(suite: LatentSuite, images: Path, batch: int = 64, device: s
     import PIL.Image
 
     from sfdbench.io import atomic_write_bytes
+    from sfdbench.metrics.reference import list_image_files
 
     images = Path(images)
-    if not images.is_dir():
-        raise BadInput(f"--images {images} is not a directory of images")
-    files = sorted((p for p in images.rglob("*") if p.suffix.lower() in REFERENCE_SUFFIXES and p.is_file()),
-                   key=lambda p: p.relative_to(images).as_posix())
-    if len(files) < 2:
-        raise BadInput(f"--images {images} holds {len(files)} image(s) (.png/.jpg/.webp); need at least 2")
+    files = list_image_files(images, REFERENCE_SUFFIXES, what="--images")
     listing = "\n".join(f"{f.relative_to(images).as_posix()}\t{f.stat().st_size}" for f in files)
     digest = hashlib.sha256(listing.encode()).hexdigest()
     spaces = [suite.feature_space()]

@@ -204,26 +204,9 @@ class PaperSuite(Suite):
 
     def evaluate(self, images_u8: torch.Tensor, cond: dict | None = None) -> dict:
         """fid (+ kid, precision, recall, density, coverage with reference images) on Inception
-        features, and fd_dinov2 (reference images only), against the training set."""
-        from sfdbench.metrics.evaluate import IMAGE_METRICS, compute_metrics
-        from sfdbench.metrics.fid import fid_from_statistics, fid_statistics
-
-        if self.reference_images is None:  # EDM's statistics hold mu/sigma only: FID and nothing else
-            metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), ("fid",),
-                                      device=self.device)
-            others = [m for m in IMAGE_METRICS if m != "fid"]
-            metrics.update({m: None for m in [*others, "kid_std", "fd_dinov2"]})
-            metrics["notes"] = (f"{', '.join(others)} and fd_dinov2 unavailable: EDM's reference statistics hold "
-                                "only Inception mu/sigma and no DINOv2 statistics of the training set are published "
-                                "for this suite; pass --reference-images with the dataset's images")
-            return metrics
-        metrics = compute_metrics(images_u8, self.reference(), self.feature_space(), IMAGE_METRICS, k=5,
-                                  device=self.device)
-        space = self.dinov2_space()
-        reference = self._images_reference(space)
-        features = space.features(images_u8, self.device)
-        metrics["fd_dinov2"] = fid_from_statistics(fid_statistics(features), reference.fid_stats())
-        return metrics
+        features, and fd_dinov2 (reference images only), against the training set: the streaming
+        path (``summarize`` then ``evaluate_summaries``) on one batch of every sample."""
+        return self.evaluate_summaries(self.summarize(images_u8, cond or {}))
 
     # ---------------------------------------------------------------- streaming evaluation
 
