@@ -117,10 +117,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def variant_displays(records: pd.DataFrame) -> pd.Series:
     """Each record's display name, with ``[key=value, ...]`` appended where its (method, NFE) has
-    several configurations: the settings in which it differs from the configuration with the most
-    records (hyperparameters, sample count, teacher)."""
+    several configurations under the same display name: the settings in which it differs from the
+    configuration with the most records (hyperparameters, sample count, teacher). Configurations
+    whose display names already differ (a budget row beside its recipe row) keep them as they are."""
     names = records["display"].astype(str).copy()
-    keys = ["method", "nfe", "guidance"] if "guidance" in records else ["method", "nfe"]
+    keys = ["method", "nfe", "guidance", "display"] if "guidance" in records else ["method", "nfe", "display"]
     for _, part in records.groupby(keys, sort=False):
         variants = part["variant"].unique()
         if len(variants) < 2:
