@@ -31,6 +31,13 @@ def guidance_scale(record: dict) -> float:
     return float((record.get("guidance") or {}).get("scale", 1.0))
 
 
+def target_guidance(record: dict) -> float:
+    """The guidance scale of the distribution a record's samples aim at: the sampler's scale, or for a
+    student with guidance distilled into it (sampled at scale 1), the scale it was distilled at."""
+    distilled = (record.get("guidance") or {}).get("distilled_scale")
+    return float(distilled) if distilled is not None else guidance_scale(record)
+
+
 def variant_hash(record: dict) -> str:
     """The hash of a record's configuration without its seed: records that differ only in seed
     share it, and are the ones a table averages. (Guidance enters only when it is not 1, as in the
@@ -99,7 +106,7 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "seed_block": rec.get("seed_block"),
                      "config_hash": rec["config_hash"], "variant": variant_hash(rec),
                      "nfe_parallel": rec.get("nfe_parallel"),  # sequential rounds (EPD-Solver); None for others
-                     "guidance": guidance_scale(rec),
+                     "guidance": guidance_scale(rec), "target_guidance": target_guidance(rec),
                      "hyperparameters": rec.get("hyperparameters") or {}, "teacher": rec.get("teacher"),
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
                      **rec.get("metrics", {}),

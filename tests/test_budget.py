@@ -65,3 +65,44 @@ def test_consistency_methods_fit_their_schedule_into_the_budget():
     assert scaled["iterations"] == 1000 and scaled["iterations_recipe"] == 2000
     assert ect.iterations_within_budget({**hp, "budget_flops": None}, ctx, {}, 3) == {**hp, "budget_flops": None}
     assert ect.iterations_within_budget({**hp, "budget_flops": 1e12}, ctx, {}, 3)["iterations"] == 2000
+
+
+def test_cost_table_matches_sfd_at_the_scale_a_row_targets():
+    """Guided PD distilled at w = 1.25 is compared with SFD sampled with guidance 1.25 only: unguided
+    SFD's lower FID measures another distribution and must not give it a ratio."""
+    import pandas as pd
+
+    from sfdbench.report.tables import cost_table
+
+    def rows(method, display, nfe, w_sampler, w_target, fids, flops):
+        return [{"method": method, "display": display, "group": "distillation", "nfe": nfe, "seed": s,
+                 "variant": f"{method}{nfe}{w_sampler}", "guidance": w_sampler, "target_guidance": w_target,
+                 "fid": f, "fine_tuning_flops": flops, "n_samples": 1000} for s, f in enumerate(fids)]
+
+    records = pd.DataFrame(rows("sfd", "SFD", 2, 1.0, 1.0, [3.0, 3.2], 5e12)
+                           + rows("sfd", "SFD (CFG w=1.25, 2 evals/step)", 2, 1.25, 1.25, [7.5, 8.0], 5e12)
+                           + rows("sfd", "SFD (CFG w=1.25, 2 evals/step)", 1, 1.25, 1.25, [18.0, 19.0], 3e12)
+                           + rows("guided-pd", "Guided PD (w=1.25)", 1, 1.0, 1.25, [11.0, 11.4], 3e12)
+                           + rows("guided-pd", "Guided PD (w=1.25)", 2, 1.0, 1.25, [6.0, 6.0], 3e13))
+    table = cost_table(records).set_index(["method", "nfe"])
+    one, two = table.loc[("guided-pd", 1)], table.loc[("guided-pd", 2)]
+    assert one["sfd_match"] == "SFD NFE 2 w=1.25 (FID 7.75)" and one["flops_ratio_to_sfd"] == pytest.approx(0.6)
+    # unguided SFD (FID 3.1) would match 6.0; at w = 1.25 SFD does not reach it
+    assert two["sfd_match"] == "SFD does not reach this FID here (at w=1.25)" and pd.isna(two["flops_ratio_to_sfd"])
+    # records that predate target_guidance compare as they always did
+    old = cost_table(records.drop(columns="target_guidance")).set_index(["method", "nfe"])
+    assert old.loc[("guided-pd", 2), "sfd_match"] == "SFD NFE 2 (FID 3.10)"
+
+
+def test_a_guided_pd_record_names_the_scale_it_was_distilled_at(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    tiny = [f"--set=guided-pd.{k}={v}" for k, v in
+            {"start_steps": 2, "iterations": 2, "batch": 4, "checkpoint_every": 1, "guidance": 1.5}.items()]
+    assert cli(monkeypatch, "run", "--suite", "digits-cond", "--methods", "guided-pd", "--nfe", "1", "--seeds", "0",
+               "--samples", "8", "--out", str(out), *tiny) == 0
+    (path,) = (out / "digits-cond" / "records").glob("*.json")
+    rec = json.loads(path.read_text())
+    assert rec["guidance"]["scale"] == 1.0 and rec["guidance"]["distilled_scale"] == 1.5
+    from sfdbench.records import load_records
+
+    assert load_records(out, "digits-cond")["target_guidance"].tolist() == [1.5]

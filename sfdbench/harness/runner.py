@@ -243,10 +243,13 @@ def write_sample_grid(fitted, suite, path: Path, device, guidance: float = 1.0) 
     return path
 
 
-def guidance_record(scale: float) -> dict:
-    """What a record says about guidance: the scale and what one sampler evaluation costs."""
+def guidance_record(scale: float, distilled: float | None = None) -> dict:
+    """What a record says about guidance: the sampler's scale, what one sampler evaluation costs and,
+    for a student that has guidance distilled into it (``guided-pd``), the scale it imitates
+    (``distilled_scale``: the distribution the samples target, which the cost table matches SFD at)."""
     return {"scale": scale, "network_evaluations_per_call": guided_evaluations_per_call(scale),
-            "formula": "D_u + w (D_c - D_u) (classifier-free guidance; w = 1: conditional, w = 0: unconditional)"}
+            "formula": "D_u + w (D_c - D_u) (classifier-free guidance; w = 1: conditional, w = 0: unconditional)",
+            **({"distilled_scale": float(distilled)} if distilled is not None else {})}
 
 
 def guided_display(display: str, scale: float) -> str:
@@ -362,7 +365,8 @@ def _run_entry(plan: RunPlan, suite, teacher, teacher_id: str, protocol: dict, a
             "nfe_counted": stats["nfe_counted"], "sampler_nfe": stats["sampler_nfe"],
             # sequential rounds of calls, for methods whose calls per step run in parallel (EPD-Solver)
             **({"nfe_parallel": fitted.info["parallel_nfe"]} if "parallel_nfe" in (fitted.info or {}) else {}),
-            "guidance": guidance_record(scale), "metrics": metrics,
+            "guidance": guidance_record(scale, hp["guidance"] if getattr(method, "guided", False) else None),
+            "metrics": metrics,
             "fine_tuning": fitted.fine_tuning,
             "fit_info": fitted.info,
             "sampling": {"n_samples": plan.samples,

@@ -308,8 +308,10 @@ SFD_FAMILY = ("sfd",)
 def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     """Per fine-tuned configuration (method, NFE, variant): FID reached and every compute column, and
     the ratio of its FLOPs to SFD's at equal or better FID: the cheapest first-stage SFD row (any
-    NFE, same results folder) whose mean FID is at most this row's; "PD needs x N SFD's compute to
-    match its FID". Rows SFD does not match get no ratio (and say so)."""
+    NFE, same results folder, same target guidance scale: guided PD distilled at w = 1.25 is matched
+    with SFD sampled with guidance 1.25, never with unguided SFD, whose FID measures another
+    distribution) whose mean FID is at most this row's; "PD needs x N SFD's compute to match its
+    FID". Rows SFD does not match get no ratio (and say so)."""
     if records.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
     records = named_rows(records)
@@ -323,19 +325,24 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     for col in numeric:
         if col not in tuned:
             tuned = tuned.assign(**{col: float("nan")})
+    if "target_guidance" not in tuned:
+        tuned = tuned.assign(target_guidance=1.0)
     table = tuned.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(
         fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "nunique"),
-        **{c: (c, "mean") for c in numeric}).reset_index()
+        target_guidance=("target_guidance", "first"), **{c: (c, "mean") for c in numeric}).reset_index()
     sfd = table[table["method"].isin(SFD_FAMILY) & table["fine_tuning_flops"].notna()]
     matches, ratios = [], []
     for _, row in table.iterrows():
-        better = sfd[sfd["fid_mean"] <= row["fid_mean"]]
+        w = row["target_guidance"]
+        better = sfd[(sfd["fid_mean"] <= row["fid_mean"]) & (sfd["target_guidance"] == w)]
         if row["method"] in SFD_FAMILY or better.empty or pd.isna(row["fine_tuning_flops"]):
-            matches.append("–" if row["method"] in SFD_FAMILY else "SFD does not reach this FID here")
+            matches.append("–" if row["method"] in SFD_FAMILY else
+                           "SFD does not reach this FID here" + (f" (at w={w:g})" if w != 1.0 else ""))
             ratios.append(float("nan"))
             continue
         cheapest = better.loc[better["fine_tuning_flops"].idxmin()]
-        matches.append(f"SFD NFE {int(cheapest['nfe'])} (FID {cheapest['fid_mean']:.2f})")
+        matches.append(f"SFD NFE {int(cheapest['nfe'])}" + (f" w={w:g}" if w != 1.0 else "")
+                       + f" (FID {cheapest['fid_mean']:.2f})")
         ratios.append(row["fine_tuning_flops"] / cheapest["fine_tuning_flops"])
     table["sfd_match"], table["flops_ratio_to_sfd"] = matches, ratios
     return table.reindex(columns=COST_COLUMNS)
@@ -376,4 +383,4 @@ def render_cost(table: pd.DataFrame, fmt: str, caption: str = "") -> str:
 COST_CAPTION = ("Fine-tuning compute to quality. FLOPs: torch's flop counter per sample (teacher forward; student "
                 "forward + backward) x counted evaluations, teacher trajectories included; device-hours = wall x "
                 "devices. The ratio divides a row's FLOPs by those of the cheapest first-stage SFD fit in the same "
-                "results whose FID is at most the row's.")
+                "results whose FID is at most the row's, at the same target guidance scale.")
