@@ -111,6 +111,8 @@ def load_records(results: Path, suite: str) -> pd.DataFrame:
                      "sample_grid": rec.get("sample_grid"), "metric_protocol": rec.get("metric_protocol") or {},
                      **rec.get("metrics", {}),
                      "fine_tuning_hours": ft.get("device_hours", 0.0), "fine_tuning_flops": ft.get("flops"),
+                     # the compute budget an equal-budget row was given (`run --budget`); None for a recipe row
+                     "budget_flops": (rec.get("hyperparameters") or {}).get("budget_flops"),
                      "teacher_evaluations": info.get("teacher_evaluations"),
                      "student_evaluations": info.get("student_evaluations"),
                      "real_images": info.get("real_images", info.get("real_images_used")),

@@ -89,6 +89,36 @@ def test_plot_writes_png_and_pdf(cli, tiny_results):
     png = tiny_results / "digits" / "plots" / "fid_vs_finetuning.png"
     pdf = png.with_suffix(".pdf")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:4] == b"%PDF"
+    # SFD's fit counts its FLOPs, so the FID-vs-compute plot is written beside it
+    compute = tiny_results / "digits" / "plots" / "fid_vs_compute.png"
+    assert compute.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and compute.with_suffix(".pdf").is_file()
+
+
+def test_compute_plot_puts_rows_at_their_flops_and_one_legend_entry_per_budget_series():
+    from matplotlib.colors import to_rgba
+
+    from sfdbench.report.plots import fid_vs_compute
+
+    def row(method, display, nfe, flops, fid, budget=None):
+        return {"group": "distillation", "method": method, "display": display, "nfe": nfe, "source": "measured",
+                "fid_mean": fid, "fid_std": 0.5, "fine_tuning_hours": 0.01, "fine_tuning_flops": flops,
+                "budget_flops": budget}
+
+    table = pd.DataFrame([row("sfd", "SFD", 1, 3e12, 9.0), row("sfd", "SFD", 2, 6e12, 8.0),
+                          row("pd", "PD", 2, 2.4e13, 14.0),
+                          row("pd", "PD (SFD's budget at this NFE: 3e+12 FLOPs)", 1, 3e12, 54.0, 3e12),
+                          row("pd", "PD (SFD's budget at this NFE: 6e+12 FLOPs)", 2, 6e12, 21.0, 6e12),
+                          row("ddim", "DDIM", 2, None, 180.0)])  # no fine-tuning: not in this plot
+    ax = fid_vs_compute(table, "t").axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["SFD", "PD", "PD (SFD's budget)"]
+    points = {c.get_label(): c.lines[0] for c in ax.containers}
+    budget = points["PD (SFD's budget)"]
+    assert list(budget.get_xdata()) == [3e12, 6e12] and list(budget.get_ydata()) == [54.0, 21.0]
+    assert budget.get_marker() == "s" and budget.get_markerfacecolor() == "none"  # hollow: equal budget
+    assert to_rgba(budget.get_color()) == to_rgba(points["PD"].get_color())  # one colour per method
+    assert points["SFD"].get_marker() == "o" and ax.get_xscale() == "log"
+    assert ax.get_yscale() == "linear"  # FIDs within 8x of each other (DDIM, not fine-tuned, is left out)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (.ci/run installs it)")

@@ -13,7 +13,7 @@ import pandas as pd
 from sfdbench.baselines import load_published
 from sfdbench.errors import BadInput
 from sfdbench.io import atomic_write_bytes
-from sfdbench.records import read_record
+from sfdbench.records import load_curves, read_record
 from sfdbench.report.tables import combine, protocol_caption, published_rows, summarize, variant_displays
 
 
@@ -45,17 +45,27 @@ def table_caption(suite: str, records: pd.DataFrame) -> str:
 
 
 def write_plot(suite: str, table: pd.DataFrame, target: Path, curves: pd.DataFrame | None = None) -> list[Path]:
-    """The FID-vs-fine-tuning plot as PNG and PDF in ``target`` (``curves``: intermediate checkpoints)."""
+    """The FID-vs-fine-tuning-time plot as PNG and PDF in ``target`` (``curves``: intermediate
+    checkpoints) and, when measured rows report fine-tuning FLOPs, the FID-vs-FLOPs plot beside it
+    (``fid_vs_compute``). The time plot's PNG comes first."""
+    from sfdbench.report.plots import fid_vs_compute, fid_vs_finetuning
+
+    figures = [("fid_vs_finetuning", fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time", curves))]
+    flops = pd.to_numeric(table.get("fine_tuning_flops", pd.Series(dtype=float)), errors="coerce")
+    if ((table.get("source") == "measured") & (flops > 0)).any():
+        figures.append(("fid_vs_compute", fid_vs_compute(table, f"{suite}: FID vs fine-tuning compute", curves)))
+    return [path for name, fig in figures for path in _save_figure(fig, Path(target), name)]
+
+
+def _save_figure(fig, target: Path, name: str) -> list[Path]:
+    """``fig`` as ``name``.png and ``name``.pdf in ``target``, each written atomically; closes it."""
     import matplotlib.pyplot as plt
 
-    from sfdbench.report.plots import fid_vs_finetuning
-
-    fig = fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time", curves)
     paths = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, bbox_inches="tight")
-        path = Path(target) / f"fid_vs_finetuning.{ext}"
+        path = target / f"{name}.{ext}"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     plt.close(fig)
@@ -68,7 +78,8 @@ def write_report(suite, records: pd.DataFrame, results: Path, target: Path) -> P
 
     table = suite_table(suite.name, records, results)
     plots = results / suite.name / "plots" if (results / suite.name).is_dir() else Path(tempfile.mkdtemp())
-    plot_png = write_plot(suite.name, table, plots)[0]
+    pngs = {p.stem: p for p in write_plot(suite.name, table, plots, load_curves(results, suite.name))
+            if p.suffix == ".png"}
     grids, metadata = [], {"suite": suite.name, "description": suite.description}
     if not records.empty:
         records = records.copy()
@@ -85,5 +96,6 @@ def write_report(suite, records: pd.DataFrame, results: Path, target: Path) -> P
                          "metric protocol": first.get("metric_protocol"), "versions": first.get("versions"),
                          "git revision": first.get("git_revision"), "last run ended": first.get("ended_at"),
                          "fine-tuning devices": sorted(set(records["device"].dropna()))})
-    atomic_write_bytes(target, report_html(suite.name, table, plot_png, grids, metadata).encode())
+    atomic_write_bytes(target, report_html(suite.name, table, pngs["fid_vs_finetuning"], grids, metadata,
+                                                  pngs.get("fid_vs_compute")).encode())
     return target

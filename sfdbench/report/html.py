@@ -43,8 +43,9 @@ def _table_html(table: pd.DataFrame) -> str:
 
 
 def report_html(suite: str, table: pd.DataFrame, plot_png: Path | None, grids: list[tuple[str, Path]],
-                metadata: dict) -> str:
-    """The whole page as a string (images embedded as data URIs, no external resources)."""
+                metadata: dict, compute_png: Path | None = None) -> str:
+    """The whole page as a string (images embedded as data URIs, no external resources);
+    ``compute_png``: the FID-vs-fine-tuning-FLOPs plot, when there is one."""
     grid_html = "".join(f"<figure>{_img(p, 'grid', label)}<figcaption>{html.escape(label)}</figcaption></figure>"
                         for label, p in grids)
     meta_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>"
@@ -53,6 +54,8 @@ def report_html(suite: str, table: pd.DataFrame, plot_png: Path | None, grids: l
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>sfdbench report: {html.escape(suite)}"
             f"</title><style>{STYLE}</style></head><body><h1>sfdbench report: {html.escape(suite)}</h1>"
             f"<h2>Results</h2>{_table_html(table)}<h2>FID vs fine-tuning time</h2>{plot}"
+            + (f"<h2>FID vs fine-tuning compute</h2>{_img(compute_png, 'plot', 'FID vs fine-tuning FLOPs')}"
+               if compute_png else "") +
             f"<h2>Samples (run seed 0, samples 0-63, same noise for every method)</h2>"
             f'<div class="grids">{grid_html or "<p>No sample grids.</p>"}</div>'
             f"<h2>Run metadata</h2><table id=metadata>{meta_rows}</table></body></html>\n")

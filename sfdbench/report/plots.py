@@ -1,18 +1,23 @@
-"""The FID-vs-fine-tuning-time figure (the SFD paper's Figure 1) from a combined table."""
+"""The FID-vs-fine-tuning-time figure (the SFD paper's Figure 1) and the FID-vs-fine-tuning-FLOPs
+figure (the cost comparison of the distillation methods) from a combined table."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8"]
 GROUP_COLORS = {"solver": "#dbe9f6", "distillation": "#fde7d9"}
 GROUP_LABELS = {"solver": "solver-based", "distillation": "distillation"}
+# what the runner appends to an equal-budget row's name (`harness.runner.budget_display`)
+BUDGET_NOTE = re.compile(r" \(((?:\S+ x )?SFD's budget) at this NFE: [^)]*\)")
 
 
 def time_shift(hours: pd.Series) -> float:
@@ -74,10 +79,94 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str, curves: pd.DataFrame | No
     ax.set_xlabel(f"fine-tuning time + {shift:g} (device-hours, log scale{spread})")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title + "   (numbers next to points: NFE)", fontsize=10)
+    _readable_log_ticks(ax.xaxis)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
+    _legend_below(fig, ax)
     return fig
+
+
+def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None = None):
+    """Figure: x = fine-tuning FLOPs (log; counted the same way for every method), y = FID, for the
+    measured rows that report FLOPs (the fine-tuned methods). One colour per method; filled markers
+    are recipe rows, hollow squares equal-budget rows (``budget_flops`` set), which sit on the x of
+    the SFD fit whose FLOPs they were given, so SFD and each baseline compare vertically at equal
+    compute. NFE next to each point, seed std as error bars; rows of one method and NFE at several
+    budgets joined by a dashed line; ``curves`` as dotted lines (reduced sample counts, labelled).
+    Device-hours would rank the same fits by how busy the machine was; FLOPs do not."""
+    rows = table[(table["source"] == "measured") & (pd.to_numeric(table.get("fine_tuning_flops"),
+                                                                   errors="coerce") > 0)].copy()
+    rows = rows.dropna(subset=["fid_mean"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(dict.fromkeys(rows["method"]))}
+    budget = rows["budget_flops"] if "budget_flops" in rows else pd.Series(None, index=rows.index, dtype=object)
+    rows["equal_budget"] = pd.to_numeric(budget, errors="coerce").notna()
+    # one legend entry for a method's equal-budget rows at every NFE (their names differ only in the budget)
+    rows["series"] = [series_name(d) if b else d for d, b in zip(rows["display"], rows["equal_budget"])]
+    for (method, series, equal_budget), part in rows.groupby(["method", "series", "equal_budget"], sort=False):
+        color = colors[method]
+        ax.errorbar(part["fine_tuning_flops"].astype(float), part["fid_mean"], yerr=part["fid_std"].fillna(0),
+                    fmt="s" if equal_budget else "o", ms=7, color=color, mfc="none" if equal_budget else color,
+                    mew=1.5, lw=1, capsize=2, label=series, zorder=3)
+        for _, r in part.iterrows():
+            ax.annotate(str(int(r["nfe"])), (float(r["fine_tuning_flops"]), r["fid_mean"]),
+                        textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
+    for _key, part in rows.groupby(["method", "nfe"], sort=False):
+        if part["fine_tuning_flops"].nunique() > 1:
+            part = part.sort_values("fine_tuning_flops")
+            ax.plot(part["fine_tuning_flops"].astype(float), part["fid_mean"], ls="--", lw=0.7,
+                    color=colors[part["method"].iloc[0]], alpha=0.5, zorder=2)
+    if curves is not None and not curves.empty:
+        done = curves.dropna(subset=["fid", "fine_tuning_flops"])
+        for (method, display, nfe, _w), part in done.groupby(["method", "display", "nfe", "guidance"], sort=False):
+            part = part.sort_values("iteration")
+            ax.plot(part["fine_tuning_flops"].astype(float), part["fid"], ls=":", marker=".", ms=4, lw=1,
+                    color=colors.get(method, "#555555"), zorder=2,
+                    label=f"{display} NFE {nfe}: checkpoints (n={int(part['n_samples'].max())}, reduced)")
+    ax.set_xscale("log")
+    fids = pd.concat([rows["fid_mean"], curves["fid"] if curves is not None and not curves.empty else rows["fid_mean"]])
+    if len(fids) and fids.max() / max(fids.min(), 1e-9) > 8:  # early checkpoints would flatten the rows
+        ax.set_yscale("log")
+        _readable_log_ticks(ax.yaxis)
+    _readable_log_ticks(ax.xaxis)
+    ax.set_xlabel("fine-tuning FLOPs (teacher forwards + student forward and backward passes; log scale)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title + "   (numbers next to points: NFE; hollow squares: equal-budget rows)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if rows.empty:
+        ax.text(0.5, 0.5, "no fine-tuned rows with counted FLOPs", transform=ax.transAxes, ha="center")
+    _legend_below(fig, ax)
+    return fig
+
+
+def series_name(display: str) -> str:
+    """An equal-budget row's name without the per-NFE FLOPs, so that a method's rows at SFD's budget
+    (or a multiple of it) are one legend entry: ``PD (SFD's budget at this NFE: 5.66e+12 FLOPs)`` ->
+    ``PD (SFD's budget)``. A fixed budget (``budget: X FLOPs``) keeps its name."""
+    return BUDGET_NOTE.sub(lambda m: f" ({m.group(1)})", display)
+
+
+def _readable_log_ticks(axis) -> None:
+    """Labels at 1, 2 and 5 of each decade, written plainly (0.02, 5e+12), none on the minor ticks:
+    matplotlib's default labels minor ticks of short ranges with overlapping 2x10^-2 texts."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.3g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _legend_below(fig, ax) -> None:
+    """The legend under the axes in two columns, the figure made taller to hold it, so that long
+    configuration names never squeeze the plot itself."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        fig.tight_layout()
+        return
+    ncol = 2 if len(labels) > 4 else 1
+    lines = math.ceil(len(labels) / ncol)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width if ncol == 1 else max(width, 11.0), height + 0.17 * lines)
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, frameon=False)
+    fig.tight_layout()
 
 
 def _draw_curves(ax, curves: pd.DataFrame | None, shift: float) -> None:

@@ -24,7 +24,7 @@ EXTRA_METRICS = {"kid": "KID", "precision": "Prec.", "recall": "Rec.", "density"
                  "memorisation": "Memo.", "clip_score": "CLIP score"}
 COLUMNS = ["group", "method", "display", "nfe", "source", "fid_mean", "fid_std", "fid_qualifier", "seeds",
            "n_samples", *EXTRA_METRICS, "fine_tuning_hours", "hours_qualifier", "device", "guidance",
-           "fine_tuning_flops", "replicates", "seed_blocks", "fid_statistic"]
+           "fine_tuning_flops", "budget_flops", "replicates", "seed_blocks", "fid_statistic"]
 REPLICATES = {False: "seeds", True: "seed blocks"}
 MEAN, BEST = "mean", "best of blocks"
 
@@ -61,6 +61,8 @@ def summarize(records: pd.DataFrame, best_of_blocks: bool = False) -> pd.DataFra
             "device": ("device", "first")}
     if "fine_tuning_flops" in records:
         aggs["fine_tuning_flops"] = ("fine_tuning_flops", "mean")
+    if "budget_flops" in records:
+        aggs["budget_flops"] = ("budget_flops", "first")
     aggs.update({m: (m, "mean") for m in EXTRA_METRICS if m in records})
     aggs.update(fid_min=("fid", "min"), seed_blocks=("block", _block_list))
     keys = ["group", "method", "display", "nfe", "variant", "replicates"]
