@@ -93,9 +93,9 @@ def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None 
     compute. NFE next to each point, seed std as error bars; rows of one method and NFE at several
     budgets joined by a dashed line; ``curves`` as dotted lines (reduced sample counts, labelled).
     Device-hours would rank the same fits by how busy the machine was; FLOPs do not."""
-    rows = table[(table["source"] == "measured") & (pd.to_numeric(table.get("fine_tuning_flops"),
-                                                                   errors="coerce") > 0)].copy()
-    rows = rows.dropna(subset=["fid_mean"])
+    flops = table["fine_tuning_flops"] if "fine_tuning_flops" in table else pd.Series(float("nan"), index=table.index)
+    rows = table[(table["source"] == "measured") & (pd.to_numeric(flops, errors="coerce") > 0)]
+    rows = rows.dropna(subset=["fid_mean"]).copy()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i % 10) for i, m in enumerate(dict.fromkeys(rows["method"]))}
