@@ -156,7 +156,8 @@ def published_rows(published: pd.DataFrame) -> pd.DataFrame:
 
 
 def combine(measured: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
-    """Measured and published rows sorted by group, method (first appearance), NFE, measured first."""
+    """Measured and published rows sorted by group, method (first appearance), NFE, guidance, a
+    method's recipe row before its equal-budget rows, measured first."""
     frames = [f for f in (measured, published) if not f.empty]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
@@ -165,8 +166,16 @@ def combine(measured: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     key = pd.DataFrame({"g": both["group"].map({g: i for i, g in enumerate(GROUPS)}).fillna(9),
                         "m": both["method"].map(order), "n": both["nfe"].astype(int),
                         "w": pd.to_numeric(both["guidance"], errors="coerce").fillna(1.0),
+                        "b": _budget_order(both),
                         "s": (both["source"] != "measured").astype(int)})
-    return both.loc[key.sort_values(["g", "m", "n", "w", "s"], kind="stable").index].reset_index(drop=True)
+    return both.loc[key.sort_values(["g", "m", "n", "w", "b", "s"], kind="stable").index].reset_index(drop=True)
+
+
+def _budget_order(rows: pd.DataFrame) -> pd.Series:
+    """0 for a recipe row, then equal-budget rows by their budget (``budget_flops``)."""
+    if "budget_flops" not in rows:
+        return pd.Series(0.0, index=rows.index)
+    return pd.to_numeric(rows["budget_flops"], errors="coerce").fillna(0.0)
 
 
 def _over_cell(row) -> str:
@@ -329,9 +338,16 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
             tuned = tuned.assign(**{col: float("nan")})
     if "target_guidance" not in tuned:
         tuned = tuned.assign(target_guidance=1.0)
+    if "budget_flops" not in tuned:
+        tuned = tuned.assign(budget_flops=float("nan"))
     table = tuned.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(
         fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "nunique"),
-        target_guidance=("target_guidance", "first"), **{c: (c, "mean") for c in numeric}).reset_index()
+        target_guidance=("target_guidance", "first"), budget_flops=("budget_flops", "first"),
+        **{c: (c, "mean") for c in numeric}).reset_index()
+    order = {m: i for i, m in enumerate(table["method"].drop_duplicates())}
+    key = pd.DataFrame({"m": table["method"].map(order), "n": table["nfe"].astype(int),
+                        "w": table["target_guidance"], "b": _budget_order(table)})
+    table = table.loc[key.sort_values(["m", "n", "w", "b"], kind="stable").index].reset_index(drop=True)
     sfd = table[table["method"].isin(SFD_FAMILY) & table["fine_tuning_flops"].notna()]
     matches, ratios = [], []
     for _, row in table.iterrows():
