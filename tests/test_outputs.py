@@ -194,3 +194,16 @@ def test_plot_fans_training_free_methods_out_and_keeps_configurations_apart():
     free = sorted(x for label, x in xs.items() if label.split(" (")[0] in ("DDIM", "Heun", "UniPC"))
     assert len(free) == 3 and free[0] < free[1] < free[2]  # fanned out, not on one line
     assert free[0] >= 0.01 * 10**-0.2 * 0.999 and free[2] <= 0.01 * 10**0.2 * 1.001  # within +-0.2 decades of the shift
+
+
+def test_compute_plot_colours_sfd_with_and_without_guidance_apart():
+    from matplotlib.colors import to_rgba
+
+    from sfdbench.report.plots import fid_vs_compute
+
+    table = pd.DataFrame([{"group": "distillation", "method": "sfd", "display": d, "nfe": 2, "source": "measured",
+                           "fid_mean": f, "fid_std": 0.5, "fine_tuning_hours": 0.01, "fine_tuning_flops": 6e12,
+                           "guidance": w} for d, f, w in (("SFD", 3.2, 1.0), ("SFD (CFG w=1.25)", 7.8, 1.25))])
+    ax = fid_vs_compute(table, "t").axes[0]
+    colours = {c.get_label(): to_rgba(c.lines[0].get_color()) for c in ax.containers}
+    assert set(colours) == {"SFD", "SFD (CFG w=1.25)"} and colours["SFD"] != colours["SFD (CFG w=1.25)"]

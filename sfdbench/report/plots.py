@@ -87,7 +87,8 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str, curves: pd.DataFrame | No
 
 def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None = None):
     """Figure: x = fine-tuning FLOPs (log; counted the same way for every method), y = FID, for the
-    measured rows that report FLOPs (the fine-tuned methods). One colour per method; filled markers
+    measured rows that report FLOPs (the fine-tuned methods). One colour per method and sampler
+    guidance scale; filled markers
     are recipe rows, hollow squares equal-budget rows (``budget_flops`` set), which sit on the x of
     the SFD fit whose FLOPs they were given, so SFD and each baseline compare vertically at equal
     compute. NFE next to each point, seed std as error bars; rows of one method and NFE at several
@@ -98,30 +99,33 @@ def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None 
     rows = rows.dropna(subset=["fid_mean"]).copy()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
     cmap = plt.get_cmap("tab10")
-    colors = {m: cmap(i % 10) for i, m in enumerate(dict.fromkeys(rows["method"]))}
+    # one colour per method and sampler guidance scale (SFD unguided and SFD with CFG are different rows)
+    scale = rows["guidance"] if "guidance" in rows else pd.Series(1.0, index=rows.index)
+    rows["colour_key"] = list(zip(rows["method"], pd.to_numeric(scale, errors="coerce").fillna(1.0).astype(float)))
+    colors = {k: cmap(i % 10) for i, k in enumerate(dict.fromkeys(rows["colour_key"]))}
     budget = rows["budget_flops"] if "budget_flops" in rows else pd.Series(None, index=rows.index, dtype=object)
     rows["equal_budget"] = pd.to_numeric(budget, errors="coerce").notna()
     # one legend entry for a method's equal-budget rows at every NFE (their names differ only in the budget)
     rows["series"] = [series_name(d) if b else d for d, b in zip(rows["display"], rows["equal_budget"])]
-    for (method, series, equal_budget), part in rows.groupby(["method", "series", "equal_budget"], sort=False):
-        color = colors[method]
+    for (key, series, equal_budget), part in rows.groupby(["colour_key", "series", "equal_budget"], sort=False):
+        color = colors[key]
         ax.errorbar(part["fine_tuning_flops"].astype(float), part["fid_mean"], yerr=part["fid_std"].fillna(0),
                     fmt="s" if equal_budget else "o", ms=7, color=color, mfc="none" if equal_budget else color,
                     mew=1.5, lw=1, capsize=2, label=series, zorder=3)
         for _, r in part.iterrows():
             ax.annotate(str(int(r["nfe"])), (float(r["fine_tuning_flops"]), r["fid_mean"]),
                         textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
-    for _key, part in rows.groupby(["method", "nfe"], sort=False):
+    for (key, _nfe), part in rows.groupby(["colour_key", "nfe"], sort=False):
         if part["fine_tuning_flops"].nunique() > 1:
             part = part.sort_values("fine_tuning_flops")
             ax.plot(part["fine_tuning_flops"].astype(float), part["fid_mean"], ls="--", lw=0.7,
-                    color=colors[part["method"].iloc[0]], alpha=0.5, zorder=2)
+                    color=colors[key], alpha=0.5, zorder=2)
     if curves is not None and not curves.empty:
         done = curves.dropna(subset=["fid", "fine_tuning_flops"])
-        for (method, display, nfe, _w), part in done.groupby(["method", "display", "nfe", "guidance"], sort=False):
+        for (method, display, nfe, w), part in done.groupby(["method", "display", "nfe", "guidance"], sort=False):
             part = part.sort_values("iteration")
             ax.plot(part["fine_tuning_flops"].astype(float), part["fid"], ls=":", marker=".", ms=4, lw=1,
-                    color=colors.get(method, "#555555"), zorder=2,
+                    color=colors.get((method, float(w)), "#555555"), zorder=2,
                     label=f"{display} NFE {nfe}: checkpoints (n={int(part['n_samples'].max())}, reduced)")
     ax.set_xscale("log")
     fids = pd.concat([rows["fid_mean"], curves["fid"] if curves is not None and not curves.empty else rows["fid_mean"]])
