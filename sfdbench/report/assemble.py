@@ -48,11 +48,10 @@ def write_plot(suite: str, table: pd.DataFrame, target: Path, curves: pd.DataFra
     """The FID-vs-fine-tuning-time plot as PNG and PDF in ``target`` (``curves``: intermediate
     checkpoints) and, when measured rows report fine-tuning FLOPs, the FID-vs-FLOPs plot beside it
     (``fid_vs_compute``). The time plot's PNG comes first."""
-    from sfdbench.report.plots import fid_vs_compute, fid_vs_finetuning
+    from sfdbench.report.plots import compute_rows, fid_vs_compute, fid_vs_finetuning
 
     figures = [("fid_vs_finetuning", fid_vs_finetuning(table, f"{suite}: FID vs fine-tuning time", curves))]
-    flops = pd.to_numeric(table.get("fine_tuning_flops", pd.Series(dtype=float)), errors="coerce")
-    if ((table.get("source") == "measured") & (flops > 0)).any():
+    if not compute_rows(table).empty:
         figures.append(("fid_vs_compute", fid_vs_compute(table, f"{suite}: FID vs fine-tuning compute", curves)))
     return [path for name, fig in figures for path in _save_figure(fig, Path(target), name)]
 

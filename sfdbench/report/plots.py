@@ -71,7 +71,7 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str, curves: pd.DataFrame | No
         if part["x"].nunique() > 1:
             part = part.sort_values("x")
             ax.plot(part["x"], part["fid_mean"], ls="--", lw=0.8, color="#777777", zorder=2)
-    _draw_curves(ax, curves, shift)
+    _draw_curves(ax, curves, "fine_tuning_hours", shift)
     ax.set_xscale("log")
     if table["fid_mean"].max() / max(table["fid_mean"].min(), 1e-9) > 30:
         ax.set_yscale("log")
@@ -87,16 +87,14 @@ def fid_vs_finetuning(table: pd.DataFrame, title: str, curves: pd.DataFrame | No
 
 def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None = None):
     """Figure: x = fine-tuning FLOPs (log; counted the same way for every method), y = FID, for the
-    measured rows that report FLOPs (the fine-tuned methods). One colour per method and sampler
-    guidance scale; filled markers
-    are recipe rows, hollow squares equal-budget rows (``budget_flops`` set), which sit on the x of
-    the SFD fit whose FLOPs they were given, so SFD and each baseline compare vertically at equal
-    compute. NFE next to each point, seed std as error bars; rows of one method and NFE at several
-    budgets joined by a dashed line; ``curves`` as dotted lines (reduced sample counts, labelled).
-    Device-hours would rank the same fits by how busy the machine was; FLOPs do not."""
-    flops = table["fine_tuning_flops"] if "fine_tuning_flops" in table else pd.Series(float("nan"), index=table.index)
-    rows = table[(table["source"] == "measured") & (pd.to_numeric(flops, errors="coerce") > 0)]
-    rows = rows.dropna(subset=["fid_mean"]).copy()
+    measured rows that report FLOPs (``compute_rows``: the fine-tuned methods). One colour per method
+    and sampler guidance scale; filled markers are recipe rows, hollow squares equal-budget rows
+    (``budget_flops`` set), which sit on the x of the SFD fit whose FLOPs they were given, so SFD and
+    each baseline compare vertically at equal compute. NFE next to each point, seed std as error
+    bars; rows of one method and NFE at several budgets joined by a dashed line; ``curves`` as dotted
+    lines (reduced sample counts, labelled). Device-hours would rank the same fits by how busy the
+    machine was; FLOPs do not."""
+    rows = compute_rows(table).copy()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
     cmap = plt.get_cmap("tab10")
     # one colour per method and sampler guidance scale (SFD unguided and SFD with CFG are different rows)
@@ -120,15 +118,9 @@ def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None 
             part = part.sort_values("fine_tuning_flops")
             ax.plot(part["fine_tuning_flops"].astype(float), part["fid_mean"], ls="--", lw=0.7,
                     color=colors[key], alpha=0.5, zorder=2)
-    if curves is not None and not curves.empty:
-        done = curves.dropna(subset=["fid", "fine_tuning_flops"])
-        for (method, display, nfe, w), part in done.groupby(["method", "display", "nfe", "guidance"], sort=False):
-            part = part.sort_values("iteration")
-            ax.plot(part["fine_tuning_flops"].astype(float), part["fid"], ls=":", marker=".", ms=4, lw=1,
-                    color=colors.get((method, float(w)), "#555555"), zorder=2,
-                    label=f"{display} NFE {nfe}: checkpoints (n={int(part['n_samples'].max())}, reduced)")
+    _draw_curves(ax, curves, "fine_tuning_flops", colour_of=lambda key: colors.get(key, "#555555"))
     ax.set_xscale("log")
-    fids = pd.concat([rows["fid_mean"], curves["fid"] if curves is not None and not curves.empty else rows["fid_mean"]])
+    fids = rows["fid_mean"] if curves is None or curves.empty else pd.concat([rows["fid_mean"], curves["fid"]])
     if len(fids) and fids.max() / max(fids.min(), 1e-9) > 8:  # early checkpoints would flatten the rows
         ax.set_yscale("log")
         _readable_log_ticks(ax.yaxis)
@@ -141,6 +133,13 @@ def fid_vs_compute(table: pd.DataFrame, title: str, curves: pd.DataFrame | None 
         ax.text(0.5, 0.5, "no fine-tuned rows with counted FLOPs", transform=ax.transAxes, ha="center")
     _legend_below(fig, ax)
     return fig
+
+
+def compute_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows ``fid_vs_compute`` draws: measured, with an FID and counted fine-tuning FLOPs."""
+    flops = table["fine_tuning_flops"] if "fine_tuning_flops" in table else pd.Series(float("nan"), index=table.index)
+    return table[(table["source"] == "measured") & (pd.to_numeric(flops, errors="coerce") > 0)].dropna(
+        subset=["fid_mean"])
 
 
 def series_name(display: str) -> str:
@@ -173,15 +172,17 @@ def _legend_below(fig, ax) -> None:
     fig.tight_layout()
 
 
-def _draw_curves(ax, curves: pd.DataFrame | None, shift: float) -> None:
-    """Intermediate checkpoints: one dotted line per (method, NFE, guidance), ordered by iteration."""
+def _draw_curves(ax, curves: pd.DataFrame | None, x: str, shift: float = 0.0, colour_of=None) -> None:
+    """Intermediate checkpoints: one dotted line per (method, NFE, guidance), ordered by iteration,
+    at ``curves[x] + shift``; ``colour_of((method, w))`` picks a line's colour (None: Dark2 in turn)."""
     if curves is None or curves.empty:
         return
     cmap = plt.get_cmap("Dark2")
-    done = curves.dropna(subset=["fid", "fine_tuning_hours"])
-    for i, ((_method, display, nfe, _w), part) in enumerate(done.groupby(["method", "display", "nfe", "guidance"],
-                                                                          sort=False)):
+    done = curves.dropna(subset=["fid", x])
+    for i, ((method, display, nfe, w), part) in enumerate(done.groupby(["method", "display", "nfe", "guidance"],
+                                                                        sort=False)):
         part = part.sort_values("iteration")
         n = int(part["n_samples"].max())
-        ax.plot(part["fine_tuning_hours"].astype(float) + shift, part["fid"], ls=":", marker=".", ms=4, lw=1,
-                color=cmap(i % 8), zorder=2, label=f"{display} NFE {nfe}: checkpoints (n={n}, reduced)")
+        color = colour_of((method, float(w))) if colour_of else cmap(i % 8)
+        ax.plot(part[x].astype(float) + shift, part["fid"], ls=":", marker=".", ms=4, lw=1,
+                color=color, zorder=2, label=f"{display} NFE {nfe}: checkpoints (n={n}, reduced)")

@@ -162,20 +162,20 @@ def combine(measured: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     both = pd.concat(frames, ignore_index=True)
-    order = {m: i for i, m in enumerate(both["method"].drop_duplicates())}
-    key = pd.DataFrame({"g": both["group"].map({g: i for i, g in enumerate(GROUPS)}).fillna(9),
-                        "m": both["method"].map(order), "n": both["nfe"].astype(int),
-                        "w": pd.to_numeric(both["guidance"], errors="coerce").fillna(1.0),
-                        "b": _budget_order(both),
-                        "s": (both["source"] != "measured").astype(int)})
+    key = _row_order(both, "guidance").assign(
+        g=both["group"].map({g: i for i, g in enumerate(GROUPS)}).fillna(9),
+        s=(both["source"] != "measured").astype(int))
     return both.loc[key.sort_values(["g", "m", "n", "w", "b", "s"], kind="stable").index].reset_index(drop=True)
 
 
-def _budget_order(rows: pd.DataFrame) -> pd.Series:
-    """0 for a recipe row, then equal-budget rows by their budget (``budget_flops``)."""
-    if "budget_flops" not in rows:
-        return pd.Series(0.0, index=rows.index)
-    return pd.to_numeric(rows["budget_flops"], errors="coerce").fillna(0.0)
+def _row_order(rows: pd.DataFrame, guidance: str) -> pd.DataFrame:
+    """Sort keys shared by the tables: method (first appearance) ``m``, NFE ``n``, the guidance
+    column ``w``, and ``b``: 0 for a recipe row, then equal-budget rows by their ``budget_flops``."""
+    budget = rows["budget_flops"] if "budget_flops" in rows else pd.Series(float("nan"), index=rows.index)
+    order = {m: i for i, m in enumerate(rows["method"].drop_duplicates())}
+    return pd.DataFrame({"m": rows["method"].map(order), "n": rows["nfe"].astype(int),
+                         "w": pd.to_numeric(rows[guidance], errors="coerce").fillna(1.0),
+                         "b": pd.to_numeric(budget, errors="coerce").fillna(0.0)})
 
 
 def _over_cell(row) -> str:
@@ -333,20 +333,13 @@ def cost_table(records: pd.DataFrame) -> pd.DataFrame:
     if tuned.empty:
         return pd.DataFrame(columns=COST_COLUMNS)
     numeric = ["fine_tuning_hours", "fine_tuning_flops", "teacher_evaluations", "student_evaluations", "real_images"]
-    for col in numeric:
-        if col not in tuned:
-            tuned = tuned.assign(**{col: float("nan")})
-    if "target_guidance" not in tuned:
-        tuned = tuned.assign(target_guidance=1.0)
-    if "budget_flops" not in tuned:
-        tuned = tuned.assign(budget_flops=float("nan"))
+    defaults = {**dict.fromkeys([*numeric, "budget_flops"], float("nan")), "target_guidance": 1.0}
+    tuned = tuned.assign(**{col: value for col, value in defaults.items() if col not in tuned})
     table = tuned.groupby(["group", "method", "display", "nfe", "variant"], sort=False).agg(
         fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "nunique"),
         target_guidance=("target_guidance", "first"), budget_flops=("budget_flops", "first"),
         **{c: (c, "mean") for c in numeric}).reset_index()
-    order = {m: i for i, m in enumerate(table["method"].drop_duplicates())}
-    key = pd.DataFrame({"m": table["method"].map(order), "n": table["nfe"].astype(int),
-                        "w": table["target_guidance"], "b": _budget_order(table)})
+    key = _row_order(table, "target_guidance")
     table = table.loc[key.sort_values(["m", "n", "w", "b"], kind="stable").index].reset_index(drop=True)
     sfd = table[table["method"].isin(SFD_FAMILY) & table["fine_tuning_flops"].notna()]
     matches, ratios = [], []
